@@ -1,0 +1,48 @@
+"""Samplers behind one interface: the built-in JAX engine and vLLM (imported only when asked for)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from jaxrl_fp16.models.config import ModelConfig, Numerics
+from jaxrl_fp16.precision import parse_dtype
+from jaxrl_fp16.sampling.base import Rollout, Sampler, SamplingSettings, validate_prompts
+from jaxrl_fp16.sampling.jax_sampler import JaxSampler
+
+__all__ = ["Rollout", "Sampler", "SamplingSettings", "JaxSampler", "SAMPLERS", "create_sampler",
+           "validate_prompts", "check_dtypes_agree"]
+
+SAMPLERS = ("jax", "vllm")
+
+
+def check_dtypes_agree(sampler_dtype: Any, trainer_dtype: Any, allow_mismatch: bool = False) -> None:
+    """Refuses a sampler whose compute dtype differs from the trainer's, unless explicitly allowed."""
+    s, t = np.dtype(parse_dtype(sampler_dtype) if isinstance(sampler_dtype, str) else sampler_dtype), \
+        np.dtype(parse_dtype(trainer_dtype) if isinstance(trainer_dtype, str) else trainer_dtype)
+    if s != t and not allow_mismatch:
+        raise ValueError(f"sampler dtype {s} differs from the trainer's compute dtype {t}: the rollout policy "
+                         f"would not be the training policy. Use the same dtype, or allow the mismatch "
+                         f"explicitly (allow_dtype_mismatch / --allow-dtype-mismatch) to study it.")
+
+
+def create_sampler(name: str, *, cfg: ModelConfig, params: Any, model_dir: str | None, dtype: Any,
+                   trainer_dtype: Any = None, allow_dtype_mismatch: bool = False,
+                   numerics: Numerics = Numerics(), seed: int = 0, **kwargs: Any) -> Sampler:
+    """Builds sampler `name` ("jax" or "vllm") in `dtype`, loaded with `params` (FP32)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)}")
+    if trainer_dtype is not None:
+        check_dtypes_agree(dtype, trainer_dtype, allow_dtype_mismatch)
+    if name == "jax":
+        return JaxSampler(cfg, params, dtype=dtype, numerics=numerics, **kwargs)
+    if model_dir is None:
+        raise ValueError("the vllm sampler needs a Hugging Face model directory to start from")
+    from jaxrl_fp16.sampling.vllm_sampler import VLLMSampler  # the only path that imports vllm
+
+    sampler = VLLMSampler(model_dir, dtype=dtype, trainer_dtype=trainer_dtype,
+                          allow_dtype_mismatch=allow_dtype_mismatch, seed=seed, **kwargs)
+    if params is not None:
+        sampler.push_weights(params)
+    return sampler

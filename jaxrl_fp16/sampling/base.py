@@ -1,0 +1,123 @@
+"""The sampler interface: every inference engine (built-in JAX, vLLM) takes the trainer's weights and returns
+rollouts with the log-prob of each sampled token under the distribution it actually sampled from (mu).
+
+Layout of a rollout (N = prompts x samples_per_prompt rows, grouped by prompt; T = P + R columns):
+    tokens          int32 [N, T]   left-padded prompt (width P) followed by the response, right-padded
+    attention_mask  int32 [N, T]   1 on real tokens (prompt and response, EOS included)
+    response_mask   int32 [N, T]   1 on sampled tokens
+    logprobs        f32   [N, T]   log mu of the sampled token at t, 0 elsewhere
+Entry t of any per-token array refers to tokens[:, t] given tokens[:, :t], the convention of the trainer's
+`token_logprobs`, so the two engines' log-probs compare position by position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+__all__ = ["SamplingSettings", "Rollout", "Sampler", "validate_prompts"]
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingSettings:
+    """How to sample. `temperature=0` is greedy (its log-probs are then the untempered model's)."""
+
+    max_new_tokens: int
+    samples_per_prompt: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the model's EOS ids
+    ignore_eos: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class Rollout:
+    """Sampled responses with their sampler log-probs (see the module docstring for the layout)."""
+
+    tokens: np.ndarray
+    attention_mask: np.ndarray
+    response_mask: np.ndarray
+    logprobs: np.ndarray
+    prompt_index: np.ndarray  # int [N]: the prompt each row answers
+    prompt_width: int
+    finish_reasons: list[str]
+
+    def __post_init__(self):
+        n, t = self.tokens.shape
+        for name in ("attention_mask", "response_mask", "logprobs"):
+            if getattr(self, name).shape != (n, t):
+                raise ValueError(f"rollout field {name} has shape {getattr(self, name).shape}, expected {(n, t)}")
+        if len(self.finish_reasons) != n or self.prompt_index.shape != (n,):
+            raise ValueError("rollout finish_reasons / prompt_index must have one entry per row")
+
+    @property
+    def num_rows(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def response_lengths(self) -> np.ndarray:
+        return self.response_mask.sum(axis=1)
+
+    def responses(self) -> list[list[int]]:
+        """Each row's response token ids (EOS included when it stopped on one)."""
+        return [row[m.astype(bool)].tolist() for row, m in zip(self.tokens, self.response_mask)]
+
+    @property
+    def truncated(self) -> np.ndarray:
+        return np.array([r == FINISH_LENGTH for r in self.finish_reasons])
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """An inference engine that runs in one compute dtype and takes new weights every iteration."""
+
+    compute_dtype: np.dtype
+
+    def push_weights(self, params: Any) -> None:
+        """Loads the trainer's FP32 params (the sampler casts them to its compute dtype)."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Rollout:
+        """Samples `settings.samples_per_prompt` responses per prompt."""
+
+    def close(self) -> None:
+        """Frees the engine."""
+
+
+def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_len: int,
+                     max_new_tokens: int) -> list[list[int]]:
+    """Checks prompts before any work: non-empty, token ids in range, prompt + response fits the context."""
+    if len(prompts) == 0:
+        raise ValueError("no prompts given")
+    out = []
+    for i, p in enumerate(prompts):
+        p = [int(t) for t in p]
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+        if len(p) + max_new_tokens > max_len:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                             f"{len(p) + max_new_tokens} positions, more than the context length {max_len}")
+        out.append(p)
+    return out

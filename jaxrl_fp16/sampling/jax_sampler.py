@@ -1,0 +1,182 @@
+"""The built-in sampler: the model's KV-cache path, jitted and batched, in the policy's compute dtype.
+
+No extra install. Shapes are bucketed (rows to a power of two, prompt width to a multiple of `prompt_bucket`)
+so that a new batch does not recompile; sampling settings other than `max_new_tokens` are traced values.
+Randomness is per row: row r of a call with seed s draws from fold_in(PRNGKey(s), r), so a row's sample does
+not depend on how rows were batched.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl_fp16.models.config import ModelConfig, Numerics
+from jaxrl_fp16.models.decoder import CausalLM
+from jaxrl_fp16.models.inference import decode_step, left_pad, prefill
+from jaxrl_fp16.precision import parse_dtype
+from jaxrl_fp16.sampling.base import (FINISH_LENGTH, FINISH_STOP, Rollout, SamplingSettings,
+                                      validate_prompts)
+
+__all__ = ["JaxSampler", "sample_tokens", "processed_logits"]
+
+log = logging.getLogger(__name__)
+Array = jax.Array
+
+
+def processed_logits(logits_BxV: Array, temperature: Array, top_p: Array, top_k: Array) -> Array:
+    """FP32 logits of the distribution actually sampled from: / temperature, then top-k, then top-p (as vLLM).
+
+    Filtered-out tokens get -inf. `temperature <= 0` (greedy) leaves the logits untempered.
+    """
+    logits = logits_BxV.astype(jnp.float32)
+    logits = logits / jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)
+
+    def filtered(lg):
+        V = lg.shape[-1]
+        desc = -jnp.sort(-lg, axis=-1)
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+        kth = jnp.take_along_axis(desc, jnp.broadcast_to(k - 1, lg.shape[:-1])[..., None].astype(jnp.int32),
+                                  axis=-1)
+        lg = jnp.where(lg < kth, -jnp.inf, lg)
+        desc = jnp.where(jnp.arange(V) < k, desc, -jnp.inf)
+        probs = jax.nn.softmax(desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+        keep = mass_before < top_p
+        cutoff = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where(lg < cutoff, -jnp.inf, lg)
+
+    needs_filter = (top_k > 0) | (top_p < 1.0)
+    return jax.lax.cond(needs_filter, filtered, lambda lg: lg, logits)
+
+
+def sample_tokens(logits_BxV: Array, keys_B: Array, temperature: Array, top_p: Array,
+                  top_k: Array) -> tuple[Array, Array]:
+    """Samples one token per row; returns (tokens [B], log-probs [B] under the distribution sampled from)."""
+    lg = processed_logits(logits_BxV, temperature, top_p, top_k)
+    logp_BxV = jax.nn.log_softmax(lg, axis=-1)
+    sampled = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys_B, lg)
+    tokens = jnp.where(temperature > 0, sampled, jnp.argmax(lg, axis=-1)).astype(jnp.int32)
+    return tokens, jnp.take_along_axis(logp_BxV, tokens[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
+def _generate(model: CausalLM, params: Any, prompt_BxP: Array, mask_BxP: Array, keys_B: Array, stop_ids: Array,
+              temperature: Array, top_p: Array, top_k: Array, pad_id: Array, *, max_new_tokens: int):
+    B, P = prompt_BxP.shape
+    logits, cache, pos_B = prefill(model, params, prompt_BxP, mask_BxP, P + max_new_tokens)
+
+    def cond(state):
+        n, _, _, _, done_B, _, _ = state
+        return (n < max_new_tokens) & ~jnp.all(done_B)
+
+    def body(state):
+        n, logits, cache, pos_B, done_B, out_tok, out_lp = state
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, n)
+        tok_B, lp_B = sample_tokens(logits, step_keys, temperature, top_p, top_k)
+        tok_B = jnp.where(done_B, pad_id, tok_B)
+        lp_B = jnp.where(done_B, 0.0, lp_B)
+        out_tok = out_tok.at[:, n].set(tok_B)
+        out_lp = out_lp.at[:, n].set(lp_B)
+        done_B = done_B | jnp.isin(tok_B, stop_ids)
+        logits, cache = decode_step(model, params, tok_B, pos_B, cache, P + n)
+        return n + 1, logits, cache, pos_B + 1, done_B, out_tok, out_lp
+
+    init = (jnp.int32(0), logits, cache, pos_B, jnp.zeros((B,), jnp.bool_),
+            jnp.full((B, max_new_tokens), pad_id, jnp.int32), jnp.zeros((B, max_new_tokens), jnp.float32))
+    n, _, _, _, done_B, out_tok, out_lp = jax.lax.while_loop(cond, body, init)
+    # A row that is not done emitted `n` tokens; a done row stopped at its first stop token.
+    is_stop = jnp.isin(out_tok, stop_ids) & (jnp.arange(max_new_tokens) < n)
+    first_stop = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1) + 1, n)
+    lengths_B = jnp.where(done_B, first_stop, n)
+    return out_tok, out_lp, lengths_B, done_B
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class JaxSampler:
+    """Samples with the built-in JAX engine in one compute dtype; implements the `Sampler` protocol.
+
+    Args:
+      cfg: the model architecture.
+      params: FP32 params to start from (or push them later with `push_weights`).
+      dtype: compute dtype name or dtype (the precision policy's compute dtype).
+      numerics: which sensitive ops run in FP32 (must match the trainer's for a like-for-like comparison).
+      max_batch_size: rows generated per engine call; larger requests are split.
+      prompt_bucket: prompt widths are rounded up to a multiple of this.
+    """
+
+    def __init__(self, cfg: ModelConfig, params: Any = None, *, dtype: Any = "float32",
+                 numerics: Numerics = Numerics(), max_batch_size: int = 256, prompt_bucket: int = 16):
+        self.cfg = cfg
+        self.compute_dtype = parse_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+        self.model = CausalLM(cfg, dtype=self.compute_dtype, numerics=numerics)
+        self.max_batch_size = max_batch_size
+        self.prompt_bucket = prompt_bucket
+        self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        self._params = None
+        if params is not None:
+            self.push_weights(params)
+        log.info("JAX sampler: compute dtype %s", self.compute_dtype)
+
+    def push_weights(self, params: Any) -> None:
+        """Takes the trainer's params, cast once to the compute dtype (FP32 params stay FP32 in `fp32`)."""
+        self._params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, self.compute_dtype), params)
+
+    def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Rollout:
+        if self._params is None:
+            raise RuntimeError("no weights: call push_weights(params) first")
+        prompts = validate_prompts(prompts, self.cfg.vocab_size, self.cfg.max_position_embeddings,
+                                   settings.max_new_tokens)
+        K = settings.samples_per_prompt
+        rows = [p for p in prompts for _ in range(K)]
+        prompt_index = np.repeat(np.arange(len(prompts)), K)
+        P = max(len(p) for p in rows)
+        width = -(-P // self.prompt_bucket) * self.prompt_bucket
+        stop = list(settings.stop_token_ids) + ([] if settings.ignore_eos else list(self.cfg.eos_token_ids))
+        stop_ids = np.full((max(8, -(-len(stop) // 8) * 8),), -1, np.int32)
+        stop_ids[: len(stop)] = stop
+        base_key = jax.random.PRNGKey(settings.seed)
+        scalars = (jnp.float32(settings.temperature), jnp.float32(settings.top_p), jnp.int32(settings.top_k),
+                   jnp.int32(self.pad_id))
+
+        R = settings.max_new_tokens
+        out_tok, out_lp, lengths, stopped = [], [], [], []
+        for start in range(0, len(rows), self.max_batch_size):
+            chunk = rows[start:start + self.max_batch_size]
+            bucket = min(_next_pow2(len(chunk)), self.max_batch_size)
+            padded = chunk + [chunk[0]] * (bucket - len(chunk))
+            tok_BxP, mask_BxP = left_pad(padded, self.pad_id, width)
+            row_ids = jnp.arange(start, start + bucket, dtype=jnp.uint32)
+            keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, row_ids)
+            res = _generate(self.model, self._params, tok_BxP, mask_BxP, keys, jnp.asarray(stop_ids), *scalars,
+                            max_new_tokens=R)
+            t, lp, n, d = (np.asarray(x)[: len(chunk)] for x in jax.device_get(res))
+            out_tok.append(t), out_lp.append(lp), lengths.append(n), stopped.append(d)
+        out_tok, out_lp = np.concatenate(out_tok), np.concatenate(out_lp)
+        lengths, stopped = np.concatenate(lengths), np.concatenate(stopped)
+
+        prompt_tok, prompt_mask = (np.asarray(x) for x in left_pad(rows, self.pad_id, P))
+        resp_mask = (np.arange(R)[None, :] < lengths[:, None]).astype(np.int32)
+        out_tok = np.where(resp_mask == 1, out_tok, self.pad_id).astype(np.int32)
+        zeros = np.zeros_like(prompt_mask)
+        return Rollout(
+            tokens=np.concatenate([prompt_tok, out_tok], axis=1),
+            attention_mask=np.concatenate([prompt_mask, resp_mask], axis=1).astype(np.int32),
+            response_mask=np.concatenate([zeros, resp_mask], axis=1).astype(np.int32),
+            logprobs=np.concatenate([np.zeros(prompt_mask.shape, np.float32),
+                                     np.where(resp_mask == 1, out_lp, 0.0).astype(np.float32)], axis=1),
+            prompt_index=prompt_index,
+            prompt_width=P,
+            finish_reasons=[FINISH_STOP if s else FINISH_LENGTH for s in stopped],
+        )
+
+    def close(self) -> None:
+        self._params = None

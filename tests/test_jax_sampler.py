@@ -1,0 +1,163 @@
+"""The built-in JAX sampler: mu equals the trainer's pi in FP32, determinism, no recompiles, stops, errors,
+and the paper's BF16-vs-FP16 gap on a sharp tiny model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrl_fp16 import mismatch
+from jaxrl_fp16.models.hf import load_hf_params
+from jaxrl_fp16.models.tiny import make_tiny
+from jaxrl_fp16.sampling import SamplingSettings, create_sampler
+from jaxrl_fp16.sampling import jax_sampler
+from jaxrl_fp16.sampling.jax_sampler import JaxSampler, processed_logits
+from jaxrl_fp16.scoring import Scorer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = make_tiny(tmp_path_factory.mktemp("m") / "tiny", "qwen2", num_layers=3, sharp=8.0, seed=3)
+    cfg, params = load_hf_params(path)
+    return path, cfg, params
+
+
+def prompts_for(cfg, n=6, seed=0, lo=2, hi=12):
+    rs = np.random.RandomState(seed)
+    return [list(rs.randint(10, 200, rs.randint(lo, hi))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 0), (1.3, 0)])
+def test_fp32_mu_equals_trainer_pi(tiny, temperature, top_k):
+    _, cfg, params = tiny
+    sampler = JaxSampler(cfg, params, dtype="float32")
+    settings = SamplingSettings(max_new_tokens=24, samples_per_prompt=3, temperature=temperature, seed=1)
+    r = sampler.generate(prompts_for(cfg), settings)
+    pi = Scorer(cfg, dtype="float32")(params, r.tokens, r.attention_mask, temperature)
+    on = r.response_mask == 1
+    assert on.sum() > 100
+    np.testing.assert_allclose(r.logprobs[on], pi[on], atol=1e-4, rtol=0)
+    assert np.all(r.logprobs[~on] == 0)
+
+
+def test_layout_and_grouping(tiny):
+    _, cfg, params = tiny
+    prompts = prompts_for(cfg, n=4)
+    r = JaxSampler(cfg, params).generate(prompts, SamplingSettings(max_new_tokens=8, samples_per_prompt=2))
+    P = max(len(p) for p in prompts)
+    assert r.tokens.shape == (8, P + 8) and r.prompt_width == P
+    assert r.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    for row in range(8):
+        p = prompts[r.prompt_index[row]]
+        assert r.tokens[row, P - len(p):P].tolist() == p  # left-padded prompt
+        assert r.attention_mask[row, :P].sum() == len(p)
+        assert np.all(r.response_mask[row, :P] == 0)
+        resp = r.response_mask[row, P:]
+        assert np.all(np.diff(resp) <= 0)  # responses are contiguous from the prompt's end
+
+
+def test_deterministic_and_independent_of_batching(tiny):
+    _, cfg, params = tiny
+    prompts = prompts_for(cfg, n=5)
+    settings = SamplingSettings(max_new_tokens=16, samples_per_prompt=2, seed=7)
+    a = JaxSampler(cfg, params).generate(prompts, settings)
+    b = JaxSampler(cfg, params, max_batch_size=4).generate(prompts, settings)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
+    c = JaxSampler(cfg, params).generate(prompts, SamplingSettings(max_new_tokens=16, samples_per_prompt=2,
+                                                                   seed=8))
+    assert not np.array_equal(a.tokens, c.tokens)
+
+
+def test_no_recompile_within_buckets(tiny):
+    _, cfg, params = tiny
+    sampler = JaxSampler(cfg, params)
+    settings = SamplingSettings(max_new_tokens=8)
+    sampler.generate(prompts_for(cfg, n=3, seed=1), settings)
+    size = jax_sampler._generate._cache_size()
+    # Different prompt lengths, counts in the same bucket, other temperatures/seeds: no new program.
+    sampler.generate(prompts_for(cfg, n=4, seed=2), SamplingSettings(max_new_tokens=8, temperature=0.5, seed=3))
+    sampler.generate(prompts_for(cfg, n=3, seed=3), SamplingSettings(max_new_tokens=8, top_k=5, top_p=0.9))
+    assert jax_sampler._generate._cache_size() == size
+
+
+def test_stop_tokens_are_kept_and_finish_reasons(tiny):
+    _, cfg, params = tiny
+    sampler = JaxSampler(cfg, params)
+    prompts = prompts_for(cfg, n=6)
+    free = sampler.generate(prompts, SamplingSettings(max_new_tokens=12, seed=2, ignore_eos=True))
+    # Stop on the token each row drew 4th: every row must stop there (or earlier on another such token).
+    stops = sorted({int(row[free.prompt_width + 3]) for row in free.tokens})
+    r = sampler.generate(prompts, SamplingSettings(max_new_tokens=12, seed=2, ignore_eos=True,
+                                                   stop_token_ids=stops))
+    for row in range(r.num_rows):
+        resp = r.responses()[row]
+        assert r.finish_reasons[row] == "stop" and resp[-1] in stops and len(resp) <= 4
+        assert not any(t in stops for t in resp[:-1])
+        assert resp == free.responses()[row][: len(resp)]  # same draws up to the stop
+        assert np.all(r.tokens[row, r.prompt_width + len(resp):] == cfg.pad_token_id)
+    assert set(free.finish_reasons) == {"length"} and np.all(free.response_lengths == 12)
+
+
+def test_greedy_is_argmax_and_reports_untempered_logprobs(tiny):
+    _, cfg, params = tiny
+    r = JaxSampler(cfg, params).generate(prompts_for(cfg, n=3), SamplingSettings(max_new_tokens=6,
+                                                                                  temperature=0.0))
+    pi = Scorer(cfg)(params, r.tokens, r.attention_mask)
+    on = r.response_mask == 1
+    np.testing.assert_allclose(r.logprobs[on], pi[on], atol=1e-4)
+
+
+def test_processed_logits_match_numpy_top_k_top_p():
+    rs = np.random.RandomState(0)
+    logits = rs.randn(5, 40).astype(np.float32) * 3
+    for temperature, top_p, top_k in [(0.8, 0.9, 0), (1.0, 1.0, 7), (1.2, 0.5, 10), (1.0, 1.0, 0)]:
+        out = np.asarray(processed_logits(jnp.asarray(logits), jnp.float32(temperature), jnp.float32(top_p),
+                                          jnp.int32(top_k)))
+        for row, o in zip(logits, out):
+            lg = row / temperature
+            order = np.argsort(-lg)
+            keep = np.zeros(40, bool)
+            keep[order[: top_k or 40]] = True
+            kept = lg[order[: top_k or 40]]
+            p = np.exp(kept - kept.max())
+            p /= p.sum()
+            n_top_p = np.searchsorted(np.cumsum(p) - p, top_p, side="left")  # mass before < top_p
+            final = np.zeros(40, bool)
+            final[order[:max(1, n_top_p)]] = True
+            np.testing.assert_array_equal(np.isfinite(o), final & keep)
+            np.testing.assert_allclose(o[final], lg[final], rtol=1e-6)
+
+
+def test_bad_input_fails_before_work(tiny):
+    _, cfg, params = tiny
+    sampler = JaxSampler(cfg, params)
+    settings = SamplingSettings(max_new_tokens=8)
+    with pytest.raises(ValueError, match="context length"):
+        sampler.generate([[5] * (cfg.max_position_embeddings - 4)], settings)
+    with pytest.raises(ValueError, match="no prompts"):
+        sampler.generate([], settings)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        sampler.generate([[5, cfg.vocab_size]], settings)
+    with pytest.raises(ValueError, match="trainer's compute dtype"):
+        create_sampler("jax", cfg=cfg, params=params, model_dir=None, dtype="bfloat16", trainer_dtype="float16")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        JaxSampler(cfg, params, dtype="fp8")
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingSettings(max_new_tokens=4, temperature=-1)
+
+
+def test_bf16_mismatch_is_much_larger_than_fp16(tiny):
+    """The paper's effect on the built-in engine: BF16 kl_k3 and mean |pi - mu| >= 5x FP16's; FP32 ~ 0."""
+    _, cfg, params = tiny
+    prompts = prompts_for(cfg, n=16, seed=5)
+    settings = SamplingSettings(max_new_tokens=48, samples_per_prompt=2, seed=0, ignore_eos=True)
+    stats = {}
+    for dtype in ("float32", "float16", "bfloat16"):
+        r = JaxSampler(cfg, params, dtype=dtype).generate(prompts, settings)
+        pi = Scorer(cfg, dtype=dtype)(params, r.tokens, r.attention_mask)
+        stats[dtype] = mismatch.summarize(mismatch.mismatch_metrics(r.logprobs, pi, r.response_mask))
+    for key in ("mismatch/kl_k3", "mismatch/prob_abs_diff_mean"):
+        assert stats["bfloat16"][key] >= 5 * stats["float16"][key], (key, stats)
+        assert stats["float32"][key] < stats["float16"][key] / 20, (key, stats)
+    assert stats["float32"]["mismatch/kl_k3"] < 1e-9
