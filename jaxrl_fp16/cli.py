@@ -1,0 +1,149 @@
+"""`jaxrl-fp16` command line: each subcommand parses its arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import jaxrl_fp16  # noqa: F401  (sets XLA flags before JAX starts)
+
+DEFAULT_SHARP = 8.0
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from jaxrl_fp16.models.tiny import make_tiny
+
+    path = make_tiny(args.out, args.arch, vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                     intermediate_size=args.intermediate_size, num_layers=args.num_layers,
+                     num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
+                     tie_word_embeddings=not args.untied, max_position_embeddings=args.max_position_embeddings,
+                     sharp=args.sharp, seed=args.seed)
+    print(f"wrote a tiny {args.arch} model to {path}")
+    return 0
+
+
+def _mismatch(args: argparse.Namespace) -> int:
+    from jaxrl_fp16 import analysis
+    from jaxrl_fp16.models.config import ModelConfig, Numerics
+    from jaxrl_fp16.models.hf import load_hf_params
+    from jaxrl_fp16.precision import parse_dtype
+    from jaxrl_fp16.sampling import SAMPLERS, SamplingSettings, check_dtypes_agree, create_sampler, \
+        validate_prompts
+    from jaxrl_fp16.scoring import Scorer
+
+    # Everything that can be wrong with the request is checked before any model is loaded or engine started.
+    if args.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {args.sampler!r}; valid: {', '.join(SAMPLERS)}")
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    if not dtypes:
+        raise ValueError("--dtype needs at least one dtype")
+    sampler_dtypes = [parse_dtype(d) for d in dtypes]
+    trainer_dtypes = [parse_dtype(args.trainer_dtype) if args.trainer_dtype else d for d in sampler_dtypes]
+    for s, t in zip(sampler_dtypes, trainer_dtypes):
+        check_dtypes_agree(s, t, args.allow_dtype_mismatch)
+    numerics = Numerics.from_overrides(args.fp32_ops or [])
+    cfg = ModelConfig.from_hf_dir(args.model)
+    if args.prompts:
+        prompts = analysis.load_prompts(args.prompts, args.model)
+    elif args.num_prompts and args.prompt_len:
+        specials = [t for t in (*cfg.eos_token_ids, cfg.pad_token_id, cfg.bos_token_id) if t is not None]
+        prompts = analysis.random_prompts(args.num_prompts, args.prompt_len, cfg.vocab_size, specials, args.seed)
+    else:
+        raise ValueError("give prompts: --prompts FILE, or --num-prompts N with --prompt-len L")
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, samples_per_prompt=args.samples_per_prompt,
+                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                seed=args.seed)
+    prompts = validate_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings, settings.max_new_tokens)
+
+    _, params = load_hf_params(args.model, cfg)
+    summaries = []
+    for s_dtype, t_dtype in zip(sampler_dtypes, trainer_dtypes):
+        out = args.out if len(dtypes) == 1 else os.path.join(args.out, str(s_dtype))
+        sampler = create_sampler(args.sampler, cfg=cfg, params=params, model_dir=args.model, dtype=s_dtype,
+                                 trainer_dtype=t_dtype, allow_dtype_mismatch=args.allow_dtype_mismatch,
+                                 numerics=numerics, seed=args.seed)
+        try:
+            scorer = Scorer(cfg, dtype=t_dtype, numerics=numerics)
+            info = {"model": os.path.abspath(args.model), "sampler": args.sampler, "numerics_fp32_ops":
+                    sorted(args.fp32_ops or [])}
+            result = analysis.measure_mismatch(sampler, scorer, params, prompts, settings, info)
+        finally:
+            sampler.close()
+        analysis.save_mismatch(result, out, plots=not args.no_plots)
+        summaries.append(result.summary)
+    table = analysis.format_table(summaries)
+    print(table)
+    if len(dtypes) > 1:
+        with open(os.path.join(args.out, "table.md"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(args.out, "table.json"), "w") as f:
+            json.dump([analysis._json_safe(s) for s in summaries], f, indent=2)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxrl-fp16", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("make-tiny", help="write a tiny random Hugging Face model with a tokenizer")
+    p.add_argument("out", help="output directory (replaced atomically if it exists)")
+    p.add_argument("--arch", choices=("qwen2", "qwen3", "llama"), default="qwen2")
+    p.add_argument("--vocab-size", type=int, default=320)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--intermediate-size", type=int, default=256)
+    p.add_argument("--num-layers", type=int, default=2)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--num-kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--max-position-embeddings", type=int, default=512)
+    p.add_argument("--untied", action="store_true", help="separate LM head (default: tied embeddings)")
+    p.add_argument("--sharp", type=float, nargs="?", const=DEFAULT_SHARP, default=None, metavar="SCALE",
+                   help=f"peaked output distributions: logits scaled by SCALE (default {DEFAULT_SHARP}); "
+                        "mismatch is only visible when outputs are sharp")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_tiny)
+
+    p = sub.add_parser("mismatch", help="offline sampler-vs-trainer mismatch analysis (the paper's)")
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--sampler", default="jax", help="jax (built in) or vllm")
+    p.add_argument("--dtype", required=True,
+                   help="sampler dtype: float16|bfloat16|float32, or a comma list to compare in one call")
+    p.add_argument("--trainer-dtype", default=None, help="trainer compute dtype (default: the sampler's)")
+    p.add_argument("--allow-dtype-mismatch", action="store_true",
+                   help="allow sampler and trainer dtypes that differ (for studying it)")
+    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("--prompt-len", type=int, default=None)
+    p.add_argument("--prompts", default=None, help="file: JSON lines of token-id lists, or text lines")
+    p.add_argument("--max-new-tokens", type=int, required=True)
+    p.add_argument("--samples-per-prompt", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--fp32-ops", nargs="*", default=None, metavar="OP",
+                   help="op classes to run in FP32 in both engines' JAX code (norm, softmax, attn_scores, "
+                        "lm_head, rope, residual)")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=_mismatch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jaxrl-fp16 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
