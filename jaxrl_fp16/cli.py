@@ -84,6 +84,85 @@ def _mismatch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fp16_check(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from jaxrl_fp16 import analysis
+    from jaxrl_fp16.fp16_check import fp16_readiness
+    from jaxrl_fp16.models.hf import load_hf_params
+    from jaxrl_fp16.models.inference import left_pad
+    from jaxrl_fp16.precision import parse_dtype
+
+    dtype = parse_dtype(args.dtype)
+    cfg, params = load_hf_params(args.model)
+    if args.prompts:
+        prompts = analysis.load_prompts(args.prompts, args.model)
+    else:
+        specials = [t for t in (*cfg.eos_token_ids, cfg.pad_token_id, cfg.bos_token_id) if t is not None]
+        prompts = analysis.random_prompts(args.num_sequences, args.seq_len, cfg.vocab_size, specials, args.seed)
+    too_long = [len(p) for p in prompts if len(p) > cfg.max_position_embeddings]
+    if too_long:
+        raise ValueError(f"a sequence has {too_long[0]} tokens, more than the context ({cfg.max_position_embeddings})")
+    tokens, mask = left_pad(prompts, cfg.pad_token_id or 0)
+    report = fp16_readiness(cfg, params, np.asarray(tokens), np.asarray(mask), dtype=dtype)
+    print(report.to_markdown())
+    print(report.summary)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(report.to_json())
+    return 0 if report.ok else 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jaxrl_fp16.config import load_config
+    from jaxrl_fp16.rl.trainer import Trainer
+
+    overrides = list(args.overrides)
+    if args.steps is not None:
+        overrides.append(f"train.iterations={args.steps}")
+    run = load_config(args.config, overrides)
+    run_dir = args.run_dir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    trainer = Trainer(run, run_dir, resume=args.resume)
+    try:
+        history = trainer.run()
+        if args.export:
+            trainer.export(args.export)
+    finally:
+        trainer.close()
+    if history:
+        last = history[-1]
+        print(f"iteration {last['step']}: accuracy {last['reward/accuracy']:.3f}, "
+              f"mismatch kl_k3 {last['mismatch/kl_k3']:.2e}, skipped steps {last['skipped_steps']}; "
+              f"run directory {run_dir}")
+    return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from jaxrl_fp16.config import load_config
+    from jaxrl_fp16.rl.sft import ensure_base_model, run_sft
+    from jaxrl_fp16.rl.tasks import make_task
+
+    run = load_config(args.config, args.overrides)
+    if run.model.path is None:
+        path = ensure_base_model(run)
+        if args.out:
+            import shutil
+
+            from jaxrl_fp16.models.hf import atomic_dir
+
+            with atomic_dir(args.out) as tmp:
+                shutil.copytree(path, tmp, dirs_exist_ok=True)
+            path = args.out
+    else:
+        if not args.out:
+            raise ValueError("with model.path set, give --out for the warm-started model")
+        run_sft(run.model.path, make_task(run.task.name, **dict(run.task.options)), run.model.warm_start,
+                args.out, progress=run.log.progress)
+        path = args.out
+    print(f"warm-started model: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxrl-fp16", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -130,6 +209,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=_mismatch)
+
+    p = sub.add_parser("fp16-check", help="FP16 readiness report of a checkpoint (activation/weight range)")
+    p.add_argument("model", help="Hugging Face model directory")
+    p.add_argument("--dtype", default="float16", help="the low-precision dtype to check (default float16)")
+    p.add_argument("--prompts", default=None, help="file of prompts (text lines or JSON token-id lists)")
+    p.add_argument("--num-sequences", type=int, default=4, help="random sequences when no --prompts")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also write the report as JSON here")
+    p.set_defaults(func=_fp16_check)
+
+    p = sub.add_parser("train", help="RL training from a YAML run config")
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. loss.algorithm=gspo")
+    p.add_argument("--run-dir", default=None, help="run directory (default runs/<config name>)")
+    p.add_argument("--steps", type=int, default=None, help="number of RL iterations (train.iterations)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--export", default=None, metavar="DIR", help="also export the final policy to DIR (HF)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("sft", help="supervised warm start on a task's reference responses")
+    p.add_argument("config", help="YAML run config (model, task and model.warm_start sections are used)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--out", default=None, help="output Hugging Face directory")
+    p.set_defaults(func=_sft)
     return parser
 
 
@@ -140,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"jaxrl-fp16 {args.command}: error: {e}", file=sys.stderr)
         return 2
 

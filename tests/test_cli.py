@@ -105,3 +105,22 @@ def test_allowing_a_dtype_mismatch_runs_it(model_dir, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert (s["sampler_dtype"], s["trainer_dtype"]) == ("bfloat16", "float32")
     assert os.path.exists(out / "tokens.npz")
+
+
+def test_fp16_check_reports_and_flags_overflow(model_dir, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["fp16-check", model_dir, "--num-sequences", "2", "--seq-len", "16", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ok for f16" in text and "final_norm" in text
+    assert json.loads(out.read_text())["ok"] is True
+    # A checkpoint with an activation far beyond 65504 fails the check (exit code 1) and names the layer.
+    from jaxrl_fp16.models.hf import save_hf_params
+
+    cfg, params = load_hf_params(model_dir)
+    params["layers"]["mlp"]["down_proj"]["kernel"][1] *= 3e4
+    params["layers"]["mlp"]["up_proj"]["kernel"][1] *= 3e2
+    bad = tmp_path / "bad"
+    save_hf_params(params, cfg, bad, tokenizer_from=model_dir)
+    assert main(["fp16-check", str(bad), "--num-sequences", "2", "--seq-len", "16"]) == 1
+    text = capsys.readouterr().out
+    assert "NOT OK" in text and "layer 1" in text
