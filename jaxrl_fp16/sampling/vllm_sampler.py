@@ -1,0 +1,412 @@
+"""vLLM as the sampler: an engine in the trainer's compute dtype that takes the trainer's weights every iteration.
+
+This is the only module of the package that imports vllm; torch is imported here too, to hand vLLM the pushed
+tensors. Both are imported when a sampler is built, so importing `jaxrl_fp16` never imports them.
+
+The engine runs in this process (vLLM's V1 engine core in-process, `VLLM_ENABLE_V1_MULTIPROCESSING=0` unless the
+user set it), so a weight push passes torch tensors to the model directly:
+
+    params (FP32 Flax tree) --cast to the engine dtype--> (HF name, torch tensor (out, in)) one at a time
+        --> collective_rpc("reload_weights", weights_iterator=..., is_checkpoint_format=True)
+        --> reset_prefix_cache()   (cached KV blocks were computed with the old weights)
+
+On a CUDA host with JAX on the GPU the tensors are cast and transposed in JAX and handed over with DLPack, with
+no host round trip; elsewhere they go through numpy. A multi-process engine (tensor parallelism, or the user's
+`VLLM_ENABLE_V1_MULTIPROCESSING=1`) cannot take tensors through an RPC: its push writes a checkpoint folder and
+asks the workers to reload from it. On vLLM's CPU backend a tied LM head is repacked after each push (see
+`_repack_tied_lm_head`): without that, FP32/BF16 engines keep sampling from the old head.
+
+Log-probs. The engine is built with `logprobs_mode="processed_logprobs"`: the log-prob vLLM reports for a
+sampled token is log-softmax of the logits after temperature, top-k and top-p (the renormalised distribution the
+token was drawn from, mu), computed in FP32 from the engine's logits. With temperature 0 (greedy) vLLM skips the
+sampling transforms and reports log-softmax of the untempered logits (top-k/top-p do not apply), which is what
+`SamplingSettings` documents for greedy decoding.
+
+Only one in-process engine may be open at a time: vLLM keeps its parallel groups in process-global state, and
+shutting one engine down tears that state down under any other in-process engine.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl_fp16.models.config import ModelConfig
+from jaxrl_fp16.models.hf import HF_TABLE, expected_params_shapes, hf_state_dict, save_hf_params
+from jaxrl_fp16.precision import dtype_name, parse_dtype
+from jaxrl_fp16.sampling.base import FINISH_LENGTH, FINISH_STOP, Rollout, SamplingSettings, validate_prompts
+
+__all__ = ["VLLMSampler", "torch_weights", "row_seed"]
+
+logger = logging.getLogger(__name__)
+
+_VLLM_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+_FINISH_REASONS = {"stop": FINISH_STOP, "length": FINISH_LENGTH}
+_LOGPROBS_MODE = "processed_logprobs"
+_ENV_MULTIPROC = "VLLM_ENABLE_V1_MULTIPROCESSING"
+_ENV_CPU_KV = "VLLM_CPU_KVCACHE_SPACE"
+
+# The open in-process engine, if any (see the module docstring); a sampler dropped without close() leaves it.
+_open_lock = threading.Lock()
+_open_in_process: "weakref.WeakSet[VLLMSampler]" = weakref.WeakSet()
+
+
+def _as_dtype(dtype: Any) -> np.dtype:
+    """A float32/float16/bfloat16 numpy dtype from a name ('f16', 'bfloat16', ...) or a dtype."""
+    dt = parse_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+    dtype_name(dt)  # validates
+    return dt
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The vLLM request seed of rollout row `row` under `SamplingSettings.seed` (independent streams per row)."""
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(row)]).generate_state(1, np.uint32)[0])
+
+
+def _eos_token_ids(model_dir: str, cfg: ModelConfig) -> tuple[int, ...]:
+    """EOS ids of config.json and of generation_config.json (which chat models use for end-of-turn ids)."""
+    ids = list(cfg.eos_token_ids)
+    path = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        for t in [] if eos is None else eos if isinstance(eos, list) else [eos]:
+            if int(t) not in ids:
+                ids.append(int(t))
+    return tuple(ids)
+
+
+def _get_leaf(params: Mapping, path: tuple[str, ...]) -> Any:
+    for key in path:
+        params = params[key]
+    return params
+
+
+def _numpy_to_torch(array: np.ndarray):
+    """A torch tensor sharing `array`'s memory (bfloat16 through its bit pattern: numpy has no such dtype)."""
+    import torch
+
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def _dlpack_weights(params: Mapping, cfg: ModelConfig, dtype: np.dtype) -> Iterator[tuple[str, Any]]:
+    """(HF name, torch tensor) with the cast and the transpose done in JAX, handed over by DLPack (no host copy
+    when the arrays live on an accelerator). One layer's slice at a time, so at most one extra tensor is alive."""
+    import torch
+
+    shapes = expected_params_shapes(cfg)  # the rows this config enables
+    rows = [row for row in HF_TABLE if _has_path(shapes, row.path)]
+
+    def one(row, leaf):
+        x = jnp.asarray(leaf).astype(dtype)
+        return torch.from_dlpack(x.T if row.transpose else x)
+
+    # Checkpoint order, as `hf_state_dict`: embeddings, then layer by layer, then the rest.
+    first = [row for row in rows if not row.per_layer and row.path[0] == "embed"]
+    last = [row for row in rows if not row.per_layer and row.path[0] != "embed"]
+    for row in first:
+        yield row.hf, one(row, _get_leaf(params, row.path))
+    for i in range(cfg.num_layers):
+        for row in rows:
+            if row.per_layer:
+                yield row.hf.format(i=i), one(row, _get_leaf(params, row.path)[i])
+    for row in last:
+        yield row.hf, one(row, _get_leaf(params, row.path))
+
+
+def _has_path(tree: Mapping, path: tuple[str, ...]) -> bool:
+    for key in path:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return False
+        tree = tree[key]
+    return True
+
+
+def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: bool = False
+                  ) -> Iterator[tuple[str, Any]]:
+    """The trainer's params as (HF name, torch tensor in `dtype`, HF (out, in) layout), one tensor at a time.
+
+    Args:
+      params: the Flax parameter tree (FP32 master params; jax or numpy arrays).
+      cfg: its model config.
+      dtype: the engine dtype (casts round to nearest even).
+      via_dlpack: cast and transpose in JAX and hand the result to torch with DLPack (the tensors stay on the
+        arrays' device); otherwise go through numpy on the host (`hf_state_dict`).
+
+    Returns:
+      An iterator in checkpoint order. The tree and its shapes are checked here, before it is returned: an
+      error in the middle of a weight push would leave the engine half loaded.
+    """
+    dt = _as_dtype(dtype)
+    arrays = hf_state_dict(params, cfg, dt)  # checks now, converts lazily
+    if via_dlpack:
+        arrays.close()
+        return _dlpack_weights(params, cfg, dt)
+    return ((name, _numpy_to_torch(array)) for name, array in arrays)
+
+
+def _params_on_accelerator(params: Mapping) -> bool:
+    leaves = jax.tree_util.tree_leaves(params)
+    return bool(leaves) and all(isinstance(x, jax.Array) and
+                                all(d.platform != "cpu" for d in x.devices()) for x in leaves)
+
+
+def _repack_tied_lm_head(model) -> None:
+    """Rebuilds the CPU GEMM of a tied LM head from the (just reloaded) embedding it shares.
+
+    vLLM's CPU backend prepacks FP32/BF16 linear weights (oneDNN or SGL kernels) when weights are processed.
+    `reload_weights` reprocesses every layer it loads, but a tied LM head loads nothing of its own (its weight
+    is the embedding's): its packed copy keeps the old embedding and the logits follow the old head.
+    """
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if head is not None and hasattr(head, "cpu_linear") and method is not None:
+        method.process_weights_after_loading(head)
+
+
+def _check_cpu_head_dim(cfg: ModelConfig) -> None:
+    """vLLM's CPU attention supports a fixed list of head sizes; others fail at the first forward pass."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:  # another vLLM layout: let the engine decide
+        return
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if sizes and cfg.head_dim not in sizes:
+        raise ValueError(f"head_dim={cfg.head_dim} is not supported by vLLM's CPU attention backend; "
+                         f"supported head sizes: {sizes}")
+
+
+class _DropChatWarmupFailure(logging.Filter):
+    """vLLM warms a chat template up even without a tokenizer and logs the failure with a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Chat template warmup failed")
+
+
+class VLLMSampler:
+    """A vLLM engine as a `Sampler`: the trainer's compute dtype, weights pushed in place, token-id prompts.
+
+    Attributes:
+      compute_dtype: the engine dtype (numpy dtype).
+      cfg: the model config read from `model_dir`.
+      max_model_len: the context length prompts are checked against (prompt + max_new_tokens must fit).
+      eos_token_ids: ids that end a response unless `SamplingSettings.ignore_eos` (config.json's and
+        generation_config.json's).
+      pad_token_id: fills the rollout outside the attention mask (the config's pad id, else 0).
+      last_push_seconds: wall time of the last `push_weights` (None before the first).
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, *, dtype: Any, trainer_dtype: Any = None,
+                 allow_dtype_mismatch: bool = False, max_model_len: int | None = None, seed: int = 0,
+                 gpu_memory_utilization: float = 0.4, tensor_parallel_size: int = 1, enforce_eager: bool = True,
+                 **engine_kwargs: Any):
+        """Builds the engine.
+
+        Args:
+          model_dir: a Hugging Face checkpoint folder (config.json and weights); a tokenizer is not needed.
+          dtype: the engine's dtype: "float32" | "float16" | "bfloat16" (or "f16", a numpy/jax dtype, ...).
+          trainer_dtype: the trainer's compute dtype; when given and different from `dtype`, a ValueError is
+            raised before the engine starts, unless `allow_dtype_mismatch`.
+          allow_dtype_mismatch: run the engine in another dtype than the trainer's (a deliberate mismatch).
+          max_model_len: the context length; defaults to the config's max_position_embeddings.
+          seed: the engine's global seed (each request also gets its own seed, see `generate`).
+          gpu_memory_utilization: the fraction of GPU memory vLLM may take (weights, activations, KV cache); the
+            trainer's JAX process shares the GPU, so cap JAX's with XLA_PYTHON_CLIENT_MEM_FRACTION. Unused on
+            CPU, where VLLM_CPU_KVCACHE_SPACE (GiB, default 1 here) sizes the KV cache.
+          tensor_parallel_size: GPUs per engine; above 1 the engine has worker processes and weight pushes go
+            through a checkpoint folder.
+          enforce_eager: no CUDA graphs / torch.compile (faster start; what the CPU backend runs).
+          **engine_kwargs: passed to `vllm.LLM` (e.g. enable_prefix_caching, max_num_seqs). `logprobs_mode` is
+            fixed to "processed_logprobs"; `skip_tokenizer_init` defaults to True and `generation_config` to
+            "vllm" (sampling follows `SamplingSettings` alone, not the checkpoint's generation defaults).
+        """
+        self._llm = None
+        self.compute_dtype = _as_dtype(dtype)
+        trainer = None if trainer_dtype is None else _as_dtype(trainer_dtype)
+        if trainer is not None and trainer != self.compute_dtype and not allow_dtype_mismatch:
+            raise ValueError(f"sampler dtype {self.compute_dtype.name} differs from the trainer's compute dtype "
+                             f"{trainer.name}: the sampler must run in the trainer's dtype (pass "
+                             f"allow_dtype_mismatch=True to run a deliberate mismatch)")
+        mode = engine_kwargs.pop("logprobs_mode", _LOGPROBS_MODE)
+        if mode != _LOGPROBS_MODE:
+            raise ValueError(f"logprobs_mode={mode!r}: the sampler reports the log-probs of the distribution it "
+                             f"sampled from and needs {_LOGPROBS_MODE!r}")
+        self.model_dir = os.fspath(model_dir)
+        self.cfg = ModelConfig.from_hf_dir(self.model_dir)
+        self.max_model_len = int(max_model_len or self.cfg.max_position_embeddings)
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        self.eos_token_ids = _eos_token_ids(self.model_dir, self.cfg)
+        self.pad_token_id = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
+        self.last_push_seconds: float | None = None
+
+        os.environ.setdefault(_ENV_MULTIPROC, "0")
+        self._in_process = (os.environ[_ENV_MULTIPROC] == "0" and tensor_parallel_size == 1
+                            and engine_kwargs.get("pipeline_parallel_size", 1) == 1)
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault(_ENV_CPU_KV, "1")
+        import vllm
+
+        _check_cpu_head_dim(self.cfg)
+        from vllm.platforms import current_platform
+
+        self._device_type = current_platform.device_type
+        engine_kwargs.setdefault("skip_tokenizer_init", True)
+        engine_kwargs.setdefault("generation_config", "vllm")
+        with _open_lock:
+            if self._in_process and _open_in_process:
+                raise RuntimeError("another in-process VLLMSampler is open in this process; close() it first "
+                                   "(vLLM's parallel state is process-global)")
+            renderer_log = logging.getLogger("vllm.renderers.base")
+            quiet = _DropChatWarmupFailure()
+            if engine_kwargs["skip_tokenizer_init"]:
+                renderer_log.addFilter(quiet)
+            try:
+                self._llm = vllm.LLM(model=self.model_dir, dtype=_VLLM_DTYPES[dtype_name(self.compute_dtype)],
+                                     seed=seed, max_model_len=self.max_model_len,
+                                     gpu_memory_utilization=gpu_memory_utilization,
+                                     tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
+                                     logprobs_mode=_LOGPROBS_MODE, **engine_kwargs)
+            finally:
+                renderer_log.removeFilter(quiet)
+            if self._in_process:
+                _open_in_process.add(self)
+        logger.info("vLLM sampler: engine dtype %s, trainer dtype %s%s; model %s; %s engine on %s",
+                    self.compute_dtype.name, "unknown" if trainer is None else trainer.name,
+                    " (mismatch allowed)" if trainer is not None and trainer != self.compute_dtype else "",
+                    self.model_dir, "in-process" if self._in_process else "multi-process", self._device_type)
+
+    # ----- weights -----
+
+    def push_weights(self, params: Any) -> None:
+        """Loads the trainer's FP32 params into the engine, cast to the engine dtype, then drops cached KV."""
+        llm = self._engine()
+        repack_head = self._device_type == "cpu" and self.cfg.tie_word_embeddings
+        if repack_head and not self._in_process and os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") != "1":
+            raise RuntimeError("a weight push into a multi-process CPU engine of a tied-embedding model must "
+                               "also repack the LM head in the workers, which needs "
+                               "VLLM_ALLOW_INSECURE_SERIALIZATION=1 (or use the in-process engine)")
+        start = time.perf_counter()
+        if self._in_process:
+            via_dlpack = self._device_type == "cuda" and _params_on_accelerator(params)
+            weights = torch_weights(params, self.cfg, self.compute_dtype, via_dlpack=via_dlpack)
+            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        else:
+            with tempfile.TemporaryDirectory(prefix="vllm-push-") as tmp:
+                folder = save_hf_params(params, self.cfg, os.path.join(tmp, "weights"),
+                                        dtype=_VLLM_DTYPES[dtype_name(self.compute_dtype)])
+                llm.collective_rpc("reload_weights", kwargs={"weights_path": folder, "is_checkpoint_format": True})
+        if repack_head:
+            llm.apply_model(_repack_tied_lm_head)
+        if llm.reset_prefix_cache() is False:  # KV blocks of the old weights would be reused
+            raise RuntimeError("vLLM could not reset its prefix cache after the weight push")
+        self.last_push_seconds = time.perf_counter() - start
+        logger.debug("pushed weights to vLLM (%s) in %.3f s", self.compute_dtype.name, self.last_push_seconds)
+
+    # ----- sampling -----
+
+    def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Rollout:
+        """Samples `settings.samples_per_prompt` responses per prompt (see `jaxrl_fp16.sampling.base`).
+
+        One vLLM request per row, seeded with `row_seed(settings.seed, row)`, so a seed gives the same rollout.
+        Prompt i's samples are rows [i*K, (i+1)*K). A response keeps its EOS / stop token (response_mask 1,
+        finish reason 'stop'); one that hit max_new_tokens has finish reason 'length'.
+        """
+        prompts = validate_prompts(prompts, self.cfg.vocab_size, self.max_model_len, settings.max_new_tokens)
+        llm = self._engine()
+        from vllm import SamplingParams
+
+        k = settings.samples_per_prompt
+        rows = [(i, p) for i, p in enumerate(prompts) for _ in range(k)]
+        stop_ids = list(settings.stop_token_ids)
+        if not settings.ignore_eos:
+            stop_ids += [t for t in self.eos_token_ids if t not in stop_ids]
+        params = [SamplingParams(n=1, temperature=settings.temperature, top_p=settings.top_p,
+                                 top_k=settings.top_k if settings.top_k > 0 else -1,
+                                 max_tokens=settings.max_new_tokens, stop_token_ids=stop_ids,
+                                 ignore_eos=settings.ignore_eos, logprobs=0, seed=row_seed(settings.seed, r),
+                                 detokenize=False)
+                  for r in range(len(rows))]
+        outputs = llm.generate([{"prompt_token_ids": p} for _, p in rows], params, use_tqdm=False)
+        return self._rollout(rows, outputs, settings.max_new_tokens)
+
+    def _rollout(self, rows: list[tuple[int, list[int]]], outputs: list, max_new_tokens: int) -> Rollout:
+        n, width = len(rows), max(len(p) for _, p in rows)
+        total = width + max_new_tokens
+        tokens_NxT = np.full((n, total), self.pad_token_id, np.int32)
+        attention_NxT = np.zeros((n, total), np.int32)
+        response_NxT = np.zeros((n, total), np.int32)
+        logprobs_NxT = np.zeros((n, total), np.float32)
+        finish = []
+        for r, ((_, prompt), out) in enumerate(zip(rows, outputs, strict=True)):
+            completion = out.outputs[0]
+            ids = [int(t) for t in completion.token_ids]
+            if completion.finish_reason not in _FINISH_REASONS:
+                raise RuntimeError(f"vLLM finished row {r} with reason {completion.finish_reason!r}")
+            if not 1 <= len(ids) <= max_new_tokens or completion.logprobs is None:
+                raise RuntimeError(f"vLLM returned {len(ids)} tokens for row {r} (max {max_new_tokens}) "
+                                   f"{'without' if completion.logprobs is None else 'with'} log-probs")
+            start = width - len(prompt)
+            tokens_NxT[r, start:width] = prompt
+            attention_NxT[r, start:width + len(ids)] = 1
+            tokens_NxT[r, width:width + len(ids)] = ids
+            response_NxT[r, width:width + len(ids)] = 1
+            logprobs_NxT[r, width:width + len(ids)] = [completion.logprobs[j][t].logprob for j, t in enumerate(ids)]
+            finish.append(_FINISH_REASONS[completion.finish_reason])
+        return Rollout(tokens=tokens_NxT, attention_mask=attention_NxT, response_mask=response_NxT,
+                       logprobs=logprobs_NxT, prompt_index=np.array([i for i, _ in rows], np.int32),
+                       prompt_width=width, finish_reasons=finish)
+
+    # ----- lifetime -----
+
+    def _engine(self):
+        if self._llm is None:
+            raise RuntimeError("this VLLMSampler is closed")
+        return self._llm
+
+    @property
+    def closed(self) -> bool:
+        return self._llm is None
+
+    def close(self) -> None:
+        """Shuts the engine down and frees it (weights, KV cache, parallel state); safe to call twice."""
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            del llm
+            with _open_lock:
+                _open_in_process.discard(self)
+            gc.collect()
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def __enter__(self) -> "VLLMSampler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,389 @@
+"""VLLMSampler against a real in-process vLLM engine and the JAX trainer, on a tiny sharp model.
+
+One engine is open at a time (vLLM's parallel state is process-global): `engines.get(dtype)` reuses the open
+engine when the dtype matches and otherwise closes it first. Tests are ordered so that the file builds three
+engines in all (float32, float16, bfloat16).
+"""
+
+import gc
+import logging
+import subprocess
+import sys
+import weakref
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.vllm
+vllm = pytest.importorskip("vllm")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import torch  # noqa: E402
+
+from jaxrl_fp16.mismatch import mismatch_metrics, summarize  # noqa: E402
+from jaxrl_fp16.models.decoder import CausalLM, causal_inputs, token_logprobs  # noqa: E402
+from jaxrl_fp16.models.hf import CheckpointError, load_hf_params  # noqa: E402
+from jaxrl_fp16.models.tiny import make_tiny  # noqa: E402
+from jaxrl_fp16.sampling import vllm_sampler  # noqa: E402
+from jaxrl_fp16.sampling.base import Sampler, SamplingSettings  # noqa: E402
+from jaxrl_fp16.sampling.vllm_sampler import VLLMSampler, torch_weights  # noqa: E402
+
+MAX_LEN = 128
+FP32_TOL = 1e-4
+
+
+class _Engines:
+    """At most one open VLLMSampler; keeps the sampler's log messages."""
+
+    def __init__(self, model_dir):
+        self.model_dir = model_dir
+        self.current = None
+        self.messages = []
+
+    def get(self, dtype):
+        if self.current is not None and self.current.compute_dtype == np.dtype(dtype):
+            return self.current
+        self.close()
+        log = logging.getLogger(vllm_sampler.__name__)
+        handler = logging.Handler()
+        handler.emit = lambda record: self.messages.append(record.getMessage())
+        level = log.level
+        log.setLevel(logging.INFO)
+        log.addHandler(handler)
+        try:
+            self.current = VLLMSampler(self.model_dir, dtype=dtype, trainer_dtype=dtype, max_model_len=MAX_LEN)
+        finally:
+            log.removeHandler(handler)
+            log.setLevel(level)
+        return self.current
+
+    def close(self):
+        if self.current is not None:
+            self.current.close()
+            self.current = None
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # head_dim 32: vLLM's CPU attention has no kernel for head_dim 16 (make_tiny's default).
+    return make_tiny(tmp_path_factory.mktemp("vllm") / "tiny", "qwen2", hidden_size=64, intermediate_size=128,
+                     num_layers=2, num_heads=2, num_kv_heads=1, sharp=6.0, seed=0, max_position_embeddings=MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def trainer(model_dir):
+    return load_hf_params(model_dir)
+
+
+@pytest.fixture(scope="module")
+def engines(model_dir):
+    pool = _Engines(model_dir)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 95, size=int(rng.integers(2, 12))).tolist() for _ in range(6)]
+
+
+def trainer_logprobs(cfg, params, rollout, dtype="float32", temperature=1.0):
+    """The trainer's log pi of every token of the rollout (teacher-forced, left padding masked)."""
+    model = CausalLM(cfg, dtype=jnp.dtype(dtype))
+    fn = jax.jit(lambda p, t, m: token_logprobs(model, p, t, m, temperature=temperature))
+    return np.asarray(fn(params, jnp.asarray(rollout.tokens), jnp.asarray(rollout.attention_mask)))
+
+
+def trainer_logits(cfg, params, rollout):
+    """FP32 next-token logits [N, T, V] of the trainer on the rollout: entry t-1 predicts token t."""
+    model = CausalLM(cfg)
+    tokens = jnp.asarray(rollout.tokens)
+    positions, mask = causal_inputs(tokens, None, jnp.asarray(rollout.attention_mask))
+    logits, _, _ = jax.jit(model.apply)({"params": params}, tokens, positions, mask)
+    return np.asarray(logits, np.float64)
+
+
+def filtered_logprob(logits_V, token, temperature, top_k, top_p):
+    """log of the sampled token's probability after temperature, top-k, then top-p (vLLM's rule), in float64."""
+    z = logits_V / temperature
+    if top_k:
+        z = np.where(z >= np.sort(z)[-top_k], z, -np.inf)
+    order = np.argsort(z)  # ascending, as vLLM sorts
+    probs = np.exp(z[order] - z.max())
+    drop = np.cumsum(probs / probs.sum()) <= 1 - top_p
+    drop[-1] = False  # keep at least the top token
+    z[order[drop]] = -np.inf
+    return z[token] - (z.max() + np.log(np.sum(np.exp(z - z.max()))))
+
+
+def response_rows(rollout):
+    return [(r, np.nonzero(rollout.response_mask[r])[0]) for r in range(rollout.num_rows)]
+
+
+# ----- no engine -----
+
+def test_importing_the_package_does_not_import_vllm():
+    code = ("import sys, jaxrl_fp16, jaxrl_fp16.sampling.vllm_sampler; "
+            "assert 'vllm' not in sys.modules and 'torch' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_dlpack_and_numpy_weights_are_identical(trainer, dtype):
+    cfg, params = trainer
+    on_device = jax.tree_util.tree_map(jnp.asarray, params)
+    host = list(torch_weights(params, cfg, dtype))
+    dlpack = list(torch_weights(on_device, cfg, dtype, via_dlpack=True))
+    assert [n for n, _ in host] == [n for n, _ in dlpack]
+    want = getattr(torch, dtype)
+    for (name, a), (_, b) in zip(host, dlpack):
+        assert a.dtype == b.dtype == want, name
+        assert torch.equal(a, b), name
+    embed = dict(host)["model.embed_tokens.weight"]
+    np.testing.assert_array_equal(embed.float().numpy(),
+                                  np.asarray(jnp.asarray(params["embed"]["embedding"]).astype(dtype), np.float32))
+
+
+def test_dtype_disagreement_is_refused_before_the_engine_starts(model_dir, monkeypatch):
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the engine was started")
+
+    monkeypatch.setattr(vllm, "LLM", no_engine)
+    with pytest.raises(ValueError, match="float16.*bfloat16"):
+        VLLMSampler(model_dir, dtype="float16", trainer_dtype="bfloat16")
+    with pytest.raises(ValueError, match="processed_logprobs"):
+        VLLMSampler(model_dir, dtype="float16", logprobs_mode="raw_logprobs")
+
+
+# ----- float32 engine -----
+
+def test_is_a_sampler_and_logs_both_dtypes(engines):
+    sampler = engines.get("float32")
+    assert isinstance(sampler, Sampler)
+    assert sampler.compute_dtype == np.float32
+    assert any("engine dtype float32, trainer dtype float32" in m for m in engines.messages)
+
+
+def test_a_second_in_process_engine_is_refused(engines, model_dir):
+    engines.get("float32")
+    with pytest.raises(RuntimeError, match="close"):
+        VLLMSampler(model_dir, dtype="float32", max_model_len=MAX_LEN)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fp32_logprobs_equal_the_trainers(engines, trainer, prompts, temperature):
+    cfg, params = trainer
+    settings = SamplingSettings(max_new_tokens=16, samples_per_prompt=2, temperature=temperature, ignore_eos=True,
+                                seed=3)
+    rollout = engines.get("float32").generate(prompts, settings)
+    pi = trainer_logprobs(cfg, params, rollout, temperature=temperature)
+    mask = rollout.response_mask.astype(bool)
+    assert mask.sum() == len(prompts) * 2 * 16
+    np.testing.assert_allclose(rollout.logprobs[mask], pi[mask], atol=FP32_TOL, rtol=0)
+
+
+def test_fp32_top_k_top_p_logprobs_are_the_renormalised_distribution(engines, trainer, prompts):
+    # vLLM's processed log-probs after top-k/top-p are log-softmax over the kept tokens; the reference applies the
+    # same rule (sort, cumulative mass) to the trainer's FP32 logits. A token within ~1e-7 of the nucleus edge
+    # could fall on either side, which the seed here does not produce.
+    cfg, params = trainer
+    temperature, top_k, top_p = 0.8, 40, 0.8
+    settings = SamplingSettings(max_new_tokens=12, samples_per_prompt=2, temperature=temperature, top_k=top_k,
+                                top_p=top_p, ignore_eos=True, seed=4)
+    rollout = engines.get("float32").generate(prompts, settings)
+    logits = trainer_logits(cfg, params, rollout)
+    raw = trainer_logprobs(cfg, params, rollout, temperature=temperature)
+    raised = 0
+    for r, cols in response_rows(rollout):
+        for t in cols:
+            want = filtered_logprob(logits[r, t - 1], rollout.tokens[r, t], temperature, top_k, top_p)
+            assert abs(rollout.logprobs[r, t] - want) < FP32_TOL, (r, t)
+            raised += want > raw[r, t] + 1e-3
+    assert raised > 0  # the filter did renormalise: mu differs from the tempered distribution
+
+
+def test_greedy_returns_the_argmax_and_the_untempered_logprob(engines, trainer, prompts):
+    cfg, params = trainer
+    settings = SamplingSettings(max_new_tokens=8, temperature=0.0, top_p=0.5, ignore_eos=True)
+    rollout = engines.get("float32").generate(prompts, settings)
+    logits = trainer_logits(cfg, params, rollout)
+    pi = trainer_logprobs(cfg, params, rollout)
+    mask = rollout.response_mask.astype(bool)
+    for r, cols in response_rows(rollout):
+        assert np.array_equal(rollout.tokens[r, cols], logits[r, cols - 1].argmax(-1))
+    np.testing.assert_allclose(rollout.logprobs[mask], pi[mask], atol=FP32_TOL, rtol=0)
+
+
+def test_rollout_layout_eos_kept_and_finish_reasons(engines, prompts):
+    sampler = engines.get("float32")
+    k, new = 3, 20
+    free = sampler.generate(prompts, SamplingSettings(max_new_tokens=new, samples_per_prompt=k, ignore_eos=True,
+                                                      seed=7))
+    width = max(len(p) for p in prompts)
+    assert free.tokens.shape == (len(prompts) * k, width + new) and free.prompt_width == width
+    assert np.array_equal(free.prompt_index, np.repeat(np.arange(len(prompts)), k))
+    for r in range(free.num_rows):
+        prompt = prompts[free.prompt_index[r]]
+        assert free.tokens[r, width - len(prompt):width].tolist() == prompt
+        assert free.attention_mask[r].tolist() == [0] * (width - len(prompt)) + [1] * (len(prompt) + new)
+    assert (free.response_mask[:, :width] == 0).all() and (free.response_mask[:, width:] == 1).all()
+    assert free.finish_reasons == ["length"] * free.num_rows
+    assert (free.logprobs[:, :width] == 0).all() and (free.logprobs[:, width:] < 0).all()
+
+    # A stop token that some rows sample and others do not: each row's seed reproduces the same tokens, so the
+    # stopped rollout is the free one cut after the first stop token (EOS included: ignore_eos=False).
+    responses = free.responses()
+    rows_with = sum(np.isin(np.arange(sampler.cfg.vocab_size), r) for r in responses)  # rows holding each token
+    stop = int(np.argmin(np.abs(rows_with - free.num_rows / 2)))
+    stop_set = {stop, *sampler.eos_token_ids}
+    stopped = sampler.generate(prompts, SamplingSettings(max_new_tokens=new, samples_per_prompt=k,
+                                                         stop_token_ids=(stop,), seed=7))
+    assert stopped.tokens.shape == free.tokens.shape
+    reasons = set()
+    for r, (full, cut) in enumerate(zip(responses, stopped.responses())):
+        ends = [i for i, t in enumerate(full) if t in stop_set]
+        n = ends[0] + 1 if ends else new
+        assert cut == full[:n], r
+        assert stopped.finish_reasons[r] == ("stop" if ends else "length"), r
+        if ends:
+            assert cut[-1] in stop_set and stopped.response_mask[r, width + n - 1] == 1  # EOS / stop kept
+        assert stopped.response_mask[r, width + n:].sum() == 0 and stopped.attention_mask[r, width + n:].sum() == 0
+        assert (stopped.tokens[r, width + n:] == sampler.pad_token_id).all()
+        np.testing.assert_array_equal(stopped.logprobs[r, width:width + n], free.logprobs[r, width:width + n])
+        reasons.add(stopped.finish_reasons[r])
+    assert reasons == {"stop", "length"}
+    np.testing.assert_array_equal(stopped.truncated, [f == "length" for f in stopped.finish_reasons])
+
+
+def test_same_seed_same_rollout(engines, prompts):
+    sampler = engines.get("float32")
+    settings = SamplingSettings(max_new_tokens=10, samples_per_prompt=2, ignore_eos=True, seed=11)
+    a, b = sampler.generate(prompts, settings), sampler.generate(prompts, settings)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.logprobs, b.logprobs)
+    c = sampler.generate(prompts, SamplingSettings(max_new_tokens=10, samples_per_prompt=2, ignore_eos=True,
+                                                   seed=12))
+    assert not np.array_equal(a.tokens, c.tokens)
+    # Two samples of one prompt differ (their seeds do).
+    assert not np.array_equal(a.tokens[0], a.tokens[1])
+
+
+def test_bad_prompts_are_refused_before_any_work(engines, monkeypatch):
+    sampler = engines.get("float32")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the engine was asked to generate")
+
+    monkeypatch.setattr(sampler._llm, "generate", no_work)
+    settings = SamplingSettings(max_new_tokens=16)
+    with pytest.raises(ValueError, match="context length 128"):
+        sampler.generate([[1, 2, 3], [5] * (MAX_LEN - 15)], settings)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        sampler.generate([[1, sampler.cfg.vocab_size]], settings)
+    with pytest.raises(ValueError, match="empty"):
+        sampler.generate([[1], []], settings)
+    with pytest.raises(ValueError, match="no prompts"):
+        sampler.generate([], settings)
+
+
+def test_a_malformed_push_is_refused_before_the_engine_is_touched(engines, trainer, prompts):
+    cfg, params = trainer
+    sampler = engines.get("float32")
+    settings = SamplingSettings(max_new_tokens=6, ignore_eos=True, seed=9)
+    before = sampler.generate(prompts, settings)
+    bad = jax.tree_util.tree_map(lambda x: x, params)
+    bad["layers"]["mlp"]["up_proj"]["kernel"] = bad["layers"]["mlp"]["up_proj"]["kernel"][:, :, :-1]
+    with pytest.raises(CheckpointError, match="up_proj"):
+        sampler.push_weights(bad)
+    with pytest.raises(CheckpointError, match="up_proj"):
+        torch_weights(bad, cfg, "float16", via_dlpack=True)
+    after = sampler.generate(prompts, settings)
+    np.testing.assert_array_equal(after.logprobs, before.logprobs)
+
+
+def _perturbed(params):
+    rng = np.random.default_rng(1)
+    return jax.tree_util.tree_map(
+        lambda x: (np.asarray(x) * 1.05 + 0.02 * rng.standard_normal(x.shape)).astype(np.float32), params)
+
+
+def _check_push(sampler, trainer, prompts, dtype, tol):
+    """Push perturbed weights (mu follows them), then the originals (bit-identical to before). Returns seconds."""
+    cfg, params = trainer
+    settings = SamplingSettings(max_new_tokens=12, samples_per_prompt=2, ignore_eos=True, seed=5)
+    before = sampler.generate(prompts, settings)
+    new_params = _perturbed(params)
+    try:
+        sampler.push_weights(new_params)
+        after = sampler.generate(prompts, settings)
+    finally:
+        sampler.push_weights(params)
+    seconds = sampler.last_push_seconds
+    mask = after.response_mask.astype(bool)
+    pi_new = trainer_logprobs(cfg, new_params, after, dtype=dtype)
+    pi_old = trainer_logprobs(cfg, params, after, dtype=dtype)
+    err_new = np.abs(after.logprobs - pi_new)[mask].max()
+    err_old = np.abs(after.logprobs - pi_old)[mask].max()
+    assert err_new < tol
+    assert err_old > 10 * err_new and err_old > 0.5  # the push did change the model
+    restored = sampler.generate(prompts, settings)
+    np.testing.assert_array_equal(restored.tokens, before.tokens)
+    np.testing.assert_array_equal(restored.logprobs, before.logprobs)  # bit-identical
+    print(f"\n{dtype} push of {sum(np.size(x) for x in jax.tree_util.tree_leaves(params))} params: "
+          f"{seconds * 1e3:.1f} ms; max |log mu - log pi| {err_new:.2e} (new weights), {err_old:.2e} (old)")
+    return seconds
+
+
+def test_fp32_weight_push_follows_the_new_weights_and_restores_bit_identical(engines, trainer, prompts):
+    seconds = _check_push(engines.get("float32"), trainer, prompts, "float32", FP32_TOL)
+    assert seconds < 5.0
+
+
+def test_fp16_weight_push_follows_the_new_weights_and_restores_bit_identical(engines, trainer, prompts):
+    _check_push(engines.get("float16"), trainer, prompts, "float16", 0.05)
+
+
+# ----- float16 vs bfloat16 -----
+
+def test_bf16_mismatch_is_much_larger_than_fp16(engines, trainer):
+    """The sampler and the trainer in the same 16-bit dtype, on a sharp model: BF16's mismatch dwarfs FP16's."""
+    cfg, params = trainer
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 95, size=int(rng.integers(2, 12))).tolist() for _ in range(16)]
+    settings = SamplingSettings(max_new_tokens=32, samples_per_prompt=4, ignore_eos=True, seed=0)
+    metrics = {}
+    for dtype in ("float16", "bfloat16"):
+        rollout = engines.get(dtype).generate(prompts, settings)
+        pi = trainer_logprobs(cfg, params, rollout, dtype=dtype)
+        metrics[dtype] = summarize(mismatch_metrics(rollout.logprobs, pi, rollout.response_mask))
+        assert any(f"engine dtype {dtype}, trainer dtype {dtype}" in m for m in engines.messages)
+    names = ("mismatch/kl_k3", "mismatch/prob_abs_diff_mean", "mismatch/log_ratio_abs_max",
+             "mismatch/seq_log_ratio_abs_mean")
+    print("\n" + "\n".join(f"{n:34s} fp16 {metrics['float16'][n]:.3e}  bf16 {metrics['bfloat16'][n]:.3e}"
+                           for n in names))
+    fp16, bf16 = metrics["float16"], metrics["bfloat16"]
+    assert fp16["mismatch/num_tokens"] == bf16["mismatch/num_tokens"] == 16 * 4 * 32
+    assert bf16["mismatch/kl_k3"] >= 5 * fp16["mismatch/kl_k3"] > 0
+    assert bf16["mismatch/prob_abs_diff_mean"] >= 5 * fp16["mismatch/prob_abs_diff_mean"] > 0
+    assert fp16["mismatch/prob_pearson"] > 0.999
+
+
+def test_bf16_weight_push_follows_the_new_weights_and_restores_bit_identical(engines, trainer, prompts):
+    _check_push(engines.get("bfloat16"), trainer, prompts, "bfloat16", 0.25)
+
+
+# ----- lifetime -----
+
+def test_close_frees_the_engine(engines, prompts):
+    sampler = engines.get("bfloat16")
+    engine = weakref.ref(sampler._llm.llm_engine)
+    engines.close()
+    gc.collect()
+    assert sampler.closed and engine() is None
+    sampler.close()  # twice is fine
+    with pytest.raises(RuntimeError, match="closed"):
+        sampler.generate(prompts, SamplingSettings(max_new_tokens=4))
+    with pytest.raises(RuntimeError, match="closed"):
+        sampler.push_weights({})
