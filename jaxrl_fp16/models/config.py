@@ -216,9 +216,18 @@ class ModelConfig:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{file} is not valid JSON: {e}") from None
         try:
-            return cls.from_hf_dict(d)
+            cfg = cls.from_hf_dict(d)
         except KeyError as e:
             raise ValueError(f"{file} lacks the required field {e.args[0]!r}") from None
+        # Chat models list their end-of-turn ids in generation_config.json: generation stops on any of them.
+        gen_file = os.path.join(path, "generation_config.json")
+        if os.path.isfile(gen_file):
+            with open(gen_file) as f:
+                eos = json.load(f).get("eos_token_id")
+            extra = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+            merged = tuple(dict.fromkeys(cfg.eos_token_ids + tuple(int(t) for t in extra)))
+            cfg = dataclasses.replace(cfg, eos_token_ids=merged)
+        return cfg
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json dict that transformers and vLLM load as the same architecture."""

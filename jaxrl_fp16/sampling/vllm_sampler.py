@@ -29,7 +29,6 @@ shutting one engine down tears that state down under any other in-process engine
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import tempfile
@@ -73,19 +72,6 @@ def _as_dtype(dtype: Any) -> np.dtype:
 def row_seed(seed: int, row: int) -> int:
     """The vLLM request seed of rollout row `row` under `SamplingSettings.seed` (independent streams per row)."""
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(row)]).generate_state(1, np.uint32)[0])
-
-
-def _eos_token_ids(model_dir: str, cfg: ModelConfig) -> tuple[int, ...]:
-    """EOS ids of config.json and of generation_config.json (which chat models use for end-of-turn ids)."""
-    ids = list(cfg.eos_token_ids)
-    path = os.path.join(model_dir, "generation_config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            eos = json.load(f).get("eos_token_id")
-        for t in [] if eos is None else eos if isinstance(eos, list) else [eos]:
-            if int(t) not in ids:
-                ids.append(int(t))
-    return tuple(ids)
 
 
 def _get_leaf(params: Mapping, path: tuple[str, ...]) -> Any:
@@ -254,7 +240,7 @@ class VLLMSampler:
         self.max_model_len = int(max_model_len or self.cfg.max_position_embeddings)
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        self.eos_token_ids = _eos_token_ids(self.model_dir, self.cfg)
+        self.eos_token_ids = self.cfg.eos_token_ids  # config.json and generation_config.json
         self.pad_token_id = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
         self.last_push_seconds: float | None = None
 
