@@ -1,0 +1,333 @@
+"""The run config: typed, validated dataclasses composed from YAML with dotted `key=value` overrides.
+
+One key, `precision` (a policy string such as `fp16-mixed`), sets the trainer's compute dtype and the sampler's.
+Unknown keys, wrong types and bad values fail before any work, naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from jaxrl_fp16.models.config import Numerics
+from jaxrl_fp16.precision import get_policy
+from jaxrl_fp16.rl.losses import LossConfig
+
+__all__ = ["RunConfig", "TinyModelConfig", "ModelSection", "TaskSection", "PerfectibleSection", "SamplerSection",
+           "OptimSection", "LossScaleSection", "TrainSection", "SFTSection", "CheckpointSection", "LogSection",
+           "DebugSection", "load_config", "to_yaml", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+def _positive(section: str, **values: Any) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ConfigError(f"{section}.{name} must be > 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TinyModelConfig:
+    """A tiny random model built locally when `model.path` is not set (see `jaxrl-fp16 make-tiny`)."""
+
+    arch: str = "qwen2"
+    vocab_size: int = 320
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.arch not in ("qwen2", "qwen3", "llama"):
+            raise ConfigError(f"model.tiny.arch={self.arch!r}; valid: qwen2, qwen3, llama")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFTSection:
+    """Supervised warm start on the task's reference responses (the same mixed-precision step)."""
+
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    precision: str = "fp32"
+    num_problems: int = 4096
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive("sft", steps=self.steps, batch_size=self.batch_size, lr=self.lr, num_problems=self.num_problems)
+        _check_policy("sft.precision", self.precision)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """The base policy: an existing Hugging Face directory, or a tiny model built and warm-started locally
+    (cached under `cache_dir`, keyed by everything that determines it, so every arm of a comparison starts
+    from the same weights)."""
+
+    path: Optional[str] = None
+    tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
+    warm_start: SFTSection = dataclasses.field(default_factory=SFTSection)
+    cache_dir: str = ".cache/jaxrl_fp16"
+    fp32_ops: list[str] = dataclasses.field(default_factory=list)  # Numerics overrides (op classes in FP32)
+
+    def __post_init__(self):
+        Numerics.from_overrides(self.fp32_ops)  # validates the names
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskSection:
+    """A registered task and its options (e.g. `max_digits`, `truncated_reward`: the reward of a response cut
+    at the length limit, default 0)."""
+
+    name: str = "addition"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    num_problems: int = 1024  # candidate problems drawn before the perfectible filter
+    seed: int = 1234
+
+    def __post_init__(self):
+        from jaxrl_fp16.rl.tasks import TASKS
+
+        if self.name not in TASKS:
+            raise ConfigError(f"task.name={self.name!r}; valid: {', '.join(sorted(TASKS))}")
+        _positive("task", num_problems=self.num_problems)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerfectibleSection:
+    """Keep prompts the base model solves with a pass rate in [low, high] (the paper: 20%-80%)."""
+
+    enabled: bool = True
+    low: float = 0.2
+    high: float = 0.8
+    samples_per_prompt: int = 8
+    max_prompts: int = 256
+    # "jax": the built-in sampler in FP32 (embedded; the same prompts for every precision arm).
+    # "run": the run's own sampler (e.g. vLLM on a GPU host, for large models); the set is cached on first use
+    # and shared by later arms.
+    sampler: str = "jax"
+
+    def __post_init__(self):
+        if self.sampler not in ("jax", "run"):
+            raise ConfigError(f"perfectible.sampler={self.sampler!r}; valid: jax, run")
+        if not 0 <= self.low <= self.high <= 1:
+            raise ConfigError(f"perfectible.low/high must satisfy 0 <= low <= high <= 1, got {self.low}, "
+                              f"{self.high}")
+        _positive("perfectible", samples_per_prompt=self.samples_per_prompt, max_prompts=self.max_prompts)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplerSection:
+    name: str = "jax"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 16
+    allow_dtype_mismatch: bool = False
+    dtype: Optional[str] = None  # only with allow_dtype_mismatch: a sampler dtype other than the trainer's
+    max_batch_size: int = 256
+
+    def __post_init__(self):
+        from jaxrl_fp16.sampling import SAMPLERS
+
+        if self.name not in SAMPLERS:
+            raise ConfigError(f"sampler.name={self.name!r}; valid: {', '.join(SAMPLERS)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"sampler.temperature must be > 0 for RL (sampling), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampler.top_p must be in (0, 1], got {self.top_p}")
+        _positive("sampler", max_new_tokens=self.max_new_tokens, max_batch_size=self.max_batch_size)
+        if self.dtype is not None:
+            _check_policy("sampler.dtype", self.dtype)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimSection:
+    """AdamW; the reference run: lr 1e-6, betas (0.9, 0.95), eps 1e-15, no weight decay, clip 1.0."""
+
+    lr: float = 1e-6
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-15
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        _positive("optim", lr=self.lr)
+        if self.max_grad_norm is not None:
+            _positive("optim", max_grad_norm=self.max_grad_norm)
+
+
+LOSS_SCALE_KINDS = ("auto", "dynamic", "static", "none")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossScaleSection:
+    """`auto`: dynamic scaling when the compute dtype is float16, none otherwise (PyTorch GradScaler's defaults
+    but growth every 400 steps, as in the reference runs)."""
+
+    kind: str = "auto"
+    init_scale: float = 2.0 ** 16
+    period: int = 400
+    factor: float = 2.0
+    min_scale: float = 1.0
+    max_scale: float = 2.0 ** 24
+
+    def __post_init__(self):
+        if self.kind not in LOSS_SCALE_KINDS:
+            raise ConfigError(f"loss_scale.kind={self.kind!r}; valid: {', '.join(LOSS_SCALE_KINDS)}")
+        _positive("loss_scale", init_scale=self.init_scale, period=self.period, min_scale=self.min_scale)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSection:
+    iterations: int = 50
+    prompts_per_iteration: int = 64
+    samples_per_prompt: int = 8
+    minibatches_per_iteration: int = 4  # optimizer steps per iteration
+    microbatches: int = 1  # gradient accumulation inside each optimizer step
+    normalize_advantage_std: bool = False
+
+    def __post_init__(self):
+        _positive("train", iterations=self.iterations, prompts_per_iteration=self.prompts_per_iteration,
+                  samples_per_prompt=self.samples_per_prompt,
+                  minibatches_per_iteration=self.minibatches_per_iteration, microbatches=self.microbatches)
+        rows = self.prompts_per_iteration * self.samples_per_prompt
+        if rows % self.minibatches_per_iteration:
+            raise ConfigError(f"train: prompts_per_iteration x samples_per_prompt = {rows} rows do not split into "
+                              f"minibatches_per_iteration={self.minibatches_per_iteration}")
+        if (rows // self.minibatches_per_iteration) % self.microbatches:
+            raise ConfigError(f"train: a mini-batch of {rows // self.minibatches_per_iteration} rows does not "
+                              f"split into microbatches={self.microbatches}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointSection:
+    every: int = 10  # iterations between checkpoints (and at the end)
+    keep: int = 3
+    export_hf: bool = True  # write a Hugging Face directory at the end
+    export_dtype: str = "float32"
+
+    def __post_init__(self):
+        _positive("checkpoint", every=self.every, keep=self.keep)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LogSection:
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DebugSection:
+    inject_overflow_steps: list[int] = dataclasses.field(default_factory=list)  # optimizer steps made non-finite
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    precision: str = "fp16-mixed"
+    seed: int = 0
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    task: TaskSection = dataclasses.field(default_factory=TaskSection)
+    perfectible: PerfectibleSection = dataclasses.field(default_factory=PerfectibleSection)
+    sampler: SamplerSection = dataclasses.field(default_factory=SamplerSection)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    loss_scale: LossScaleSection = dataclasses.field(default_factory=LossScaleSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
+    log: LogSection = dataclasses.field(default_factory=LogSection)
+    debug: DebugSection = dataclasses.field(default_factory=DebugSection)
+
+    def __post_init__(self):
+        _check_policy("precision", self.precision)
+
+    @property
+    def policy(self):
+        return get_policy(self.precision)
+
+
+def _check_policy(key: str, value: str) -> None:
+    try:
+        get_policy(value)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def _schema():
+    schema = OmegaConf.structured(RunConfig)
+    OmegaConf.set_readonly(schema, False)
+    return schema
+
+
+def _section_keys(schema, dotted: str) -> list[str]:
+    node = schema
+    for part in [p for p in dotted.split(".") if p]:
+        if part not in node:
+            return sorted(str(k) for k in node.keys())
+        node = node[part]
+    return sorted(str(k) for k in node.keys()) if OmegaConf.is_dict(node) else []
+
+
+def _load_yaml_layers(path: str | os.PathLike, seen: tuple[str, ...] = ()) -> list:
+    """The YAML file and, first, the files it names in its top-level `base:` key (relative to it)."""
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"config files include each other: {' -> '.join(seen + (path,))}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    layer = OmegaConf.load(path)
+    if not OmegaConf.is_dict(layer):
+        raise ConfigError(f"config file {path} must hold a mapping of keys")
+    base = layer.pop("base", None)
+    bases = [] if base is None else [base] if isinstance(base, str) else list(base)
+    layers = []
+    for b in bases:
+        layers += _load_yaml_layers(os.path.join(os.path.dirname(path), b), seen + (path,))
+    return layers + [layer]
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Reads a YAML run config (or the defaults when `path` is None) and applies dotted `key=value` overrides.
+
+    A config file may start from others: a top-level `base: other.yaml` (or a list) is merged first.
+    """
+    schema = _schema()
+    layers = [schema]
+    try:
+        if path is not None:
+            layers += _load_yaml_layers(path)
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        parent = str(e.full_key or "").rpartition(".")[0]
+        valid = _section_keys(schema, parent)
+        raise ConfigError(f"unknown config key {e.full_key!r}; valid keys here: {', '.join(valid)}") from None
+    except OmegaConfBaseException as e:
+        message = str(getattr(e, "msg", e)).splitlines()[0]
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"bad value for config key {key!r}: {message}" if key else
+                          f"bad config: {message}") from None
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
