@@ -1,0 +1,91 @@
+"""The training prompt set: a task's problems, optionally filtered to the "perfectible" ones that the base model
+solves with a pass rate inside a band (the paper's sanity test: 20%-80%).
+
+Pass rates are estimated with the built-in JAX sampler in FP32, whatever the run's precision, and cached:
+every arm of a precision comparison trains on the same prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from jaxrl_fp16.rl.tasks import Problem, pass_rates, score_responses, select_perfectible
+from jaxrl_fp16.sampling import JaxSampler, SamplingSettings
+
+__all__ = ["build_prompt_set", "rollout_rewards"]
+
+log = logging.getLogger(__name__)
+
+
+def rollout_rewards(task: Any, problems: list[Problem], tokenizer: Any, rollout: Any) -> np.ndarray:
+    """Rewards [N] of a rollout that holds K consecutive responses to each of `problems`, in order."""
+    texts = tokenizer.batch_decode(rollout.responses(), skip_special_tokens=True)
+    items = list(zip(texts, rollout.truncated.tolist()))
+    k = len(items) // len(problems)
+    grouped = [items[i * k:(i + 1) * k] for i in range(len(problems))]
+    return score_responses(task, problems, grouped).reshape(-1).astype(np.float32)
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_prompt_set(run: Any, base_dir: str, model_cfg: Any, params: Any, tokenizer: Any, task: Any,
+                     run_sampler: Any = None) -> tuple[list[Problem], dict[str, Any]]:
+    """The problems to train on, with stats (candidates, kept, mean pass rate before/after the filter).
+
+    Pass rates come from the built-in JAX sampler in FP32, or from `run_sampler` when
+    `perfectible.sampler` is "run"."""
+    candidates = task.generate(run.task.num_problems, run.task.seed)
+    if not run.perfectible.enabled:
+        return candidates[: run.perfectible.max_prompts], {"prompts/candidates": len(candidates),
+                                                           "prompts/kept": min(len(candidates),
+                                                                               run.perfectible.max_prompts)}
+    spec = {"base": os.path.realpath(base_dir), "task": dataclasses.asdict(run.task),
+            "perfectible": dataclasses.asdict(run.perfectible), "temperature": run.sampler.temperature,
+            "top_p": run.sampler.top_p, "top_k": run.sampler.top_k,
+            "max_new_tokens": run.sampler.max_new_tokens,
+            "sampler": "jax-float32" if run.perfectible.sampler == "jax" else run.sampler.name, "version": 1}
+    cache = os.path.join(run.model.cache_dir, f"prompts-{_key(spec)}.json")
+    if os.path.isfile(cache):
+        with open(cache) as f:
+            saved = json.load(f)
+        return [candidates[i] for i in saved["indices"]], saved["stats"]
+
+    p = run.perfectible
+    if p.sampler == "run":
+        if run_sampler is None:
+            raise ValueError("perfectible.sampler='run' needs the run's sampler")
+        sampler = run_sampler
+    else:
+        sampler = JaxSampler(model_cfg, params, dtype="float32", max_batch_size=run.sampler.max_batch_size)
+    prompts = [tokenizer(c.prompt, add_special_tokens=False)["input_ids"] for c in candidates]
+    settings = SamplingSettings(max_new_tokens=run.sampler.max_new_tokens, samples_per_prompt=p.samples_per_prompt,
+                                temperature=run.sampler.temperature, top_p=run.sampler.top_p,
+                                top_k=run.sampler.top_k, seed=run.task.seed)
+    rollout = sampler.generate(prompts, settings)
+    rewards = rollout_rewards(task, candidates, tokenizer, rollout)
+    rates = pass_rates(rewards, p.samples_per_prompt)
+    position = {id(c): i for i, c in enumerate(candidates)}
+    kept = [position[id(c)] for c in select_perfectible(candidates, rates, p.low, p.high)][: p.max_prompts]
+    if not kept:
+        raise ValueError(f"no problem has a pass rate in [{p.low}, {p.high}] (mean pass rate "
+                         f"{float(np.mean(rates)):.3f} over {len(candidates)} candidates): the base model is too "
+                         f"weak or too strong for this task; change the warm start or the band")
+    stats = {"prompts/candidates": len(candidates), "prompts/kept": len(kept),
+             "prompts/pass_rate_all": float(np.mean(rates)),
+             "prompts/pass_rate_kept": float(np.mean(np.asarray(rates)[kept]))}
+    os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
+    tmp = cache + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"indices": [int(i) for i in kept], "stats": stats}, f)
+    os.replace(tmp, cache)
+    log.info("prompt set: %s", stats)
+    return [candidates[i] for i in kept], stats

@@ -1,0 +1,306 @@
+"""The RL loop: a thin driver around the sampler and the one jitted mixed-precision step.
+
+    for each iteration:
+        prompts   <- the next slice of the prompt set (deterministic in seed and iteration)
+        rollout   <- sampler.generate(prompts)                 tokens + log mu (sampler dtype)
+        rewards   <- task.reward(...); A <- group advantages
+        log pi    <- trainer forward on the same tokens and weights (trainer compute dtype)
+        metrics   <- mismatch(log mu, log pi)
+        K times:  state <- step(state, minibatch)              loss scaling, skip on overflow
+        sampler.push_weights(state.params)
+        log, checkpoint
+
+Everything the loop does is a function of (config, checkpointed state, iteration), so a run killed at any
+point and resumed from its last checkpoint ends with the same parameters as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxrl_fp16 import mismatch
+from jaxrl_fp16.checkpoint import Checkpointer
+from jaxrl_fp16.config import RunConfig, to_yaml
+from jaxrl_fp16.loss_scale import DynamicLossScale, NoOpLossScale, StaticLossScale
+from jaxrl_fp16.models.config import Numerics
+from jaxrl_fp16.models.decoder import CausalLM, token_logprobs
+from jaxrl_fp16.models.hf import load_hf_params, save_hf_params
+from jaxrl_fp16.rl.advantages import group_advantages
+from jaxrl_fp16.rl.losses import LossInputs, compute_loss
+from jaxrl_fp16.rl.prompts import build_prompt_set, rollout_rewards
+from jaxrl_fp16.rl.sft import ensure_base_model
+from jaxrl_fp16.rl.tasks import make_task
+from jaxrl_fp16.sampling import SamplingSettings, create_sampler
+from jaxrl_fp16.scoring import Scorer
+from jaxrl_fp16.step import TrainState, make_train_step
+
+__all__ = ["Trainer", "make_loss_scale", "make_optimizer", "prompt_indices"]
+
+log = logging.getLogger(__name__)
+
+
+def make_loss_scale(run: RunConfig):
+    ls = run.loss_scale
+    kind = ls.kind
+    if kind == "auto":
+        kind = "dynamic" if run.policy.compute_dtype == np.float16 else "none"
+    if kind == "dynamic":
+        return DynamicLossScale(loss_scale=ls.init_scale, period=ls.period, factor=ls.factor,
+                                min_loss_scale=ls.min_scale, max_loss_scale=ls.max_scale)
+    if kind == "static":
+        return StaticLossScale(ls.init_scale)
+    return NoOpLossScale()
+
+
+def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
+    o = run.optim
+    lr = o.lr if o.warmup_steps == 0 else optax.linear_schedule(0.0, o.lr, o.warmup_steps)
+    return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+
+
+def prompt_indices(num_prompts: int, per_iteration: int, iteration: int, seed: int) -> np.ndarray:
+    """Prompt indices of an iteration: successive slices of per-epoch permutations (a pure function)."""
+    start = iteration * per_iteration
+    out = []
+    for pos in range(start, start + per_iteration):
+        epoch, offset = divmod(pos, num_prompts)
+        out.append(np.random.default_rng([seed, epoch]).permutation(num_prompts)[offset])
+    return np.asarray(out)
+
+
+def _pad_left(x: np.ndarray, width: int, value: Any = 0) -> np.ndarray:
+    extra = width - x.shape[1]
+    if extra < 0:
+        raise ValueError(f"rollout is {x.shape[1]} tokens wide, more than the fixed width {width}")
+    return np.pad(x, ((0, 0), (extra, 0)), constant_values=value)
+
+
+class Trainer:
+    """Builds everything a run needs from a `RunConfig`; `run()` trains, logging to `run_dir`."""
+
+    def __init__(self, run: RunConfig, run_dir: str, *, resume: bool = False):
+        self.run_cfg = run
+        self.run_dir = run_dir
+        self.policy = run.policy
+        self.progress = run.log.progress
+        ckpt_dir = os.path.join(run_dir, "checkpoints")
+        if not resume and os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+            raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
+                                  f"or choose another --run-dir")
+
+        self.base_dir = ensure_base_model(run, progress=self.progress)
+        self.model_cfg, params = load_hf_params(self.base_dir)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        self.task = make_task(run.task.name, **dict(run.task.options))
+        numerics = Numerics.from_overrides(run.model.fp32_ops)
+        compute = self.policy.compute_dtype
+        sampler_dtype = run.sampler.dtype or str(compute)
+        self.sampler = create_sampler(run.sampler.name, cfg=self.model_cfg, params=params, model_dir=self.base_dir,
+                                      dtype=sampler_dtype, trainer_dtype=compute,
+                                      allow_dtype_mismatch=run.sampler.allow_dtype_mismatch, numerics=numerics,
+                                      seed=run.seed, **({"max_batch_size": run.sampler.max_batch_size}
+                                                        if run.sampler.name == "jax" else {}))
+        self.problems, self.prompt_stats = build_prompt_set(run, self.base_dir, self.model_cfg, params,
+                                                            self.tokenizer, self.task, self.sampler)
+        self.prompt_ids = [self.tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in self.problems]
+        self.width = max(len(p) for p in self.prompt_ids) + run.sampler.max_new_tokens
+        if self.width > self.model_cfg.max_position_embeddings:
+            raise ValueError(f"longest prompt + sampler.max_new_tokens = {self.width} tokens exceeds the model's "
+                             f"context ({self.model_cfg.max_position_embeddings})")
+        log.info("trainer compute dtype %s, sampler dtype %s (%s)", compute, self.sampler.compute_dtype,
+                 run.sampler.name)
+        self.scorer = Scorer(self.model_cfg, dtype=compute, numerics=numerics)
+        self.model = CausalLM(self.model_cfg, dtype=compute, numerics=numerics)
+        self.loss_cfg = run.loss
+        self.optimizer = make_optimizer(run)
+        self.step_fn = make_train_step(self._loss_fn, self.optimizer, self.policy,
+                                       max_grad_norm=run.optim.max_grad_norm,
+                                       num_microbatches=run.train.microbatches)
+        self.state = TrainState.create(jax.tree_util.tree_map(jnp.asarray, params), self.optimizer,
+                                       make_loss_scale(run))
+        os.makedirs(run_dir, exist_ok=True)
+        self.checkpointer = Checkpointer(ckpt_dir, keep=run.checkpoint.keep)
+        self.start_iteration = 0
+        if resume and self.checkpointer.latest() is not None:
+            self.state, meta = self.checkpointer.restore(self.state)
+            self.start_iteration = int(meta["iteration"])
+            self.sampler.push_weights(self.state.params)
+            log.info("resumed from iteration %d", self.start_iteration)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(run))
+
+    # ----- the loss the jitted step differentiates -----
+
+    def _loss_fn(self, compute_params: Any, batch: dict[str, jax.Array]):
+        logp = token_logprobs(self.model, compute_params, batch["tokens"], batch["attention_mask"],
+                              temperature=self.run_cfg.sampler.temperature)
+        inputs = LossInputs(logp_BxT=logp, old_logp_BxT=batch["old_logp"], sampler_logp_BxT=batch["sampler_logp"],
+                            advantages_B=batch["advantages"], mask_BxT=batch["response_mask"])
+        loss, diag = compute_loss(self.loss_cfg, inputs)
+        # Fault injection for tests and drills: a poisoned mini-batch makes every gradient non-finite.
+        loss = loss * jnp.where(jnp.any(batch["poison"] > 0), jnp.inf, 1.0)
+        return loss, diag
+
+    # ----- one iteration -----
+
+    def iteration(self, it: int) -> dict[str, Any]:
+        run = self.run_cfg
+        t0 = time.perf_counter()
+        idx = prompt_indices(len(self.problems), run.train.prompts_per_iteration, it, run.seed)
+        problems = [self.problems[i] for i in idx]
+        settings = SamplingSettings(max_new_tokens=run.sampler.max_new_tokens,
+                                    samples_per_prompt=run.train.samples_per_prompt,
+                                    temperature=run.sampler.temperature, top_p=run.sampler.top_p,
+                                    top_k=run.sampler.top_k, seed=run.seed * 1_000_003 + it)
+        rollout = self.sampler.generate([self.prompt_ids[i] for i in idx], settings)
+        t1 = time.perf_counter()
+        rewards = rollout_rewards(self.task, problems, self.tokenizer, rollout)
+        advantages = np.asarray(group_advantages(jnp.asarray(rewards), run.train.samples_per_prompt,
+                                                 normalize_std=run.train.normalize_advantage_std))
+        t2 = time.perf_counter()
+
+        pad = self.model_cfg.pad_token_id or 0
+        tokens = _pad_left(rollout.tokens, self.width, pad)
+        attention_mask = _pad_left(rollout.attention_mask, self.width)
+        response_mask = _pad_left(rollout.response_mask, self.width).astype(np.float32)
+        sampler_logp = _pad_left(rollout.logprobs, self.width).astype(np.float32)
+        old_logp = self.scorer(self.state.params, tokens, attention_mask, run.sampler.temperature)
+        old_logp = np.where(response_mask > 0, old_logp, 0.0).astype(np.float32)
+        mm = mismatch.summarize(mismatch.mismatch_metrics(sampler_logp, old_logp, response_mask))
+        t3 = time.perf_counter()
+
+        n = tokens.shape[0]
+        K = run.train.minibatches_per_iteration
+        order = np.random.default_rng([run.seed, it, 7]).permutation(n)
+        step_metrics = []
+        for k in range(K):
+            rows = order[k * (n // K):(k + 1) * (n // K)]
+            global_step = int(self.state.step)
+            poison = float(global_step in run.debug.inject_overflow_steps)
+            batch = {"tokens": tokens[rows], "attention_mask": attention_mask[rows],
+                     "response_mask": response_mask[rows], "old_logp": old_logp[rows],
+                     "sampler_logp": sampler_logp[rows], "advantages": advantages[rows].astype(np.float32),
+                     "poison": np.full((len(rows),), poison, np.float32)}
+            self.state, metrics = self.step_fn(self.state, batch)
+            step_metrics.append(metrics)
+        step_metrics = jax.device_get(step_metrics)
+        t4 = time.perf_counter()
+        self.sampler.push_weights(self.state.params)
+        t5 = time.perf_counter()
+
+        def mean_of(key):
+            return float(np.mean([m[key] for m in step_metrics])) if key in step_metrics[0] else None
+
+        out = {
+            "step": it + 1,
+            "optimizer_step": int(self.state.step),
+            "reward/mean": float(rewards.mean()),
+            "reward/accuracy": float(np.mean(rewards >= 1.0)),
+            "response_length/mean": float(rollout.response_lengths.mean()),
+            "response_length/truncated_frac": float(rollout.truncated.mean()),
+            **mm,
+            "loss": mean_of("loss"),
+            "grad_norm": mean_of("grad_norm"),
+            "loss_scale": float(jax.device_get(self.state.loss_scale.loss_scale)),
+            "skipped_steps": int(self.state.skipped_steps),
+            "skipped_steps/iteration": int(sum(int(m["skipped"]) for m in step_metrics)),
+            **{k: mean_of(k) for k in step_metrics[0] if k not in ("loss", "grad_norm", "loss_scale", "skipped",
+                                                                   "grads_finite")},
+            "time/sample": t1 - t0,
+            "time/score": t2 - t1,
+            "time/logprobs": t3 - t2,
+            "time/train": t4 - t3,
+            "time/sync": t5 - t4,
+            "time/iteration": t5 - t0,
+        }
+        return out
+
+    # ----- the loop -----
+
+    def run(self, iterations: int | None = None) -> list[dict[str, Any]]:
+        from tqdm.auto import tqdm
+
+        run = self.run_cfg
+        total = run.train.iterations if iterations is None else iterations
+        metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        _truncate_metrics(metrics_path, self.start_iteration)
+        writer = None
+        if run.log.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            writer = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=self.start_iteration + 1)
+        history = []
+        bar = tqdm(range(self.start_iteration, total), initial=self.start_iteration, total=total,
+                   desc=f"RL {run.precision}", disable=not self.progress)
+        try:
+            for it in bar:
+                m = self.iteration(it)
+                history.append(m)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(m) + "\n")
+                if writer is not None:
+                    for key, value in m.items():
+                        if isinstance(value, (int, float)) and key != "step":
+                            writer.add_scalar(key, value, m["step"])
+                bar.set_postfix(acc=f"{m['reward/accuracy']:.2f}", kl=f"{m['mismatch/kl_k3']:.1e}",
+                                skip=m["skipped_steps"])
+                done = it + 1
+                if done % run.checkpoint.every == 0 or done == total:
+                    self.save(done)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        if run.checkpoint.export_hf and total > self.start_iteration:
+            self.export(os.path.join(self.run_dir, "hf"))
+        return history
+
+    def evaluate(self, samples_per_prompt: int = 4, seed: int = 12345) -> float:
+        """Accuracy of the current weights on the whole prompt set (same prompts and seed every call)."""
+        run = self.run_cfg
+        settings = SamplingSettings(max_new_tokens=run.sampler.max_new_tokens, samples_per_prompt=samples_per_prompt,
+                                    temperature=run.sampler.temperature, top_p=run.sampler.top_p,
+                                    top_k=run.sampler.top_k, seed=seed)
+        rollout = self.sampler.generate(self.prompt_ids, settings)
+        rewards = rollout_rewards(self.task, self.problems, self.tokenizer, rollout)
+        return float(np.mean(rewards >= 1.0))
+
+    def save(self, iteration: int) -> None:
+        meta = {"iteration": iteration, "data_position": iteration * self.run_cfg.train.prompts_per_iteration,
+                "seed": self.run_cfg.seed, "base_model": os.path.realpath(self.base_dir),
+                "num_prompts": len(self.problems)}
+        self.checkpointer.save(iteration, self.state, meta)
+
+    def export(self, out_dir: str, dtype: str | None = None) -> None:
+        save_hf_params(jax.device_get(self.state.params), self.model_cfg, out_dir,
+                       dtype=dtype or self.run_cfg.checkpoint.export_dtype, tokenizer_from=self.base_dir)
+
+    def close(self) -> None:
+        self.sampler.close()
+        self.checkpointer.close()
+
+
+def _truncate_metrics(path: str, keep_through: int) -> None:
+    """Drops metrics lines past the checkpoint a run resumes from (they are logged again)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_through]
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)

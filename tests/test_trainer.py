@@ -1,0 +1,144 @@
+"""The RL loop on a tiny model: it learns in FP16 and BF16, logs the mismatch every iteration, skips injected
+overflow steps, and a run killed with SIGKILL and resumed ends bitwise where an uninterrupted run ends."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxrl_fp16.config import load_config
+from jaxrl_fp16.mismatch import METRIC_NAMES
+from jaxrl_fp16.models.hf import load_hf_params
+from jaxrl_fp16.rl.trainer import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny_fp16.yaml")
+
+
+def quick(cache_dir, *extra):
+    """The tiny config, scaled down for tests (a shorter warm start, fewer prompts per iteration)."""
+    return [f"model.cache_dir={cache_dir}", "model.warm_start.steps=300", "task.num_problems=256",
+            "train.prompts_per_iteration=16", "optim.lr=1e-4",
+            "log.progress=false", "log.tensorboard=false", *extra]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def arms(cache_dir, tmp_path_factory):
+    """The same 24-iteration run in FP16 and in BF16, with accuracy on the prompt set before and after."""
+    out = {}
+    for precision in ("fp16-mixed", "bf16-mixed"):
+        run = load_config(TINY, quick(cache_dir, f"precision={precision}", "train.iterations=24"))
+        run_dir = str(tmp_path_factory.mktemp(precision))
+        trainer = Trainer(run, run_dir)
+        try:
+            before = trainer.evaluate()
+            history = trainer.run()
+            after = trainer.evaluate()
+        finally:
+            trainer.close()
+        out[precision] = {"before": before, "after": after, "history": history, "run_dir": run_dir}
+    return out
+
+
+@pytest.mark.parametrize("precision", ["fp16-mixed", "bf16-mixed"])
+def test_a_tiny_run_learns(arms, precision):
+    arm = arms[precision]
+    print(f"{precision}: accuracy on the prompt set {arm['before']:.3f} -> {arm['after']:.3f}")
+    assert arm["after"] >= arm["before"] + 0.05
+    acc = [m["reward/accuracy"] for m in arm["history"]]
+    assert np.mean(acc[-4:]) > np.mean(acc[:4])
+
+
+@pytest.mark.parametrize("precision", ["fp16-mixed", "bf16-mixed"])
+def test_every_metrics_line_carries_the_mismatch(arms, precision):
+    run_dir = arms[precision]["run_dir"]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert [m["step"] for m in lines] == list(range(1, 25))
+    required = {"reward/mean", "reward/accuracy", "response_length/mean", "loss", "grad_norm", "loss_scale",
+                "skipped_steps", "clip_frac", "is_weight_mean", "is_weight_max", "time/sample", "time/score",
+                "time/train", "time/sync", *METRIC_NAMES}
+    for m in lines:
+        assert required <= set(m), required - set(m)
+        assert m["mismatch/num_tokens"] > 0 and np.isfinite(m["mismatch/kl_k3"])
+    assert os.path.isdir(os.path.join(run_dir, "hf")) and os.path.isfile(os.path.join(run_dir, "config.yaml"))
+
+
+def test_bf16_mismatch_is_larger_than_fp16(arms):
+    def mean(precision, key):
+        return float(np.mean([m[key] for m in arms[precision]["history"]]))
+
+    for key in ("mismatch/kl_k3", "mismatch/prob_abs_diff_mean", "mismatch/log_ratio_abs_max"):
+        print(key, mean("fp16-mixed", key), mean("bf16-mixed", key))
+        assert mean("bf16-mixed", key) > 3 * mean("fp16-mixed", key), key
+
+
+def test_injected_overflow_steps_are_skipped(cache_dir, tmp_path):
+    run = load_config(TINY, quick(cache_dir, "train.iterations=2", "debug.inject_overflow_steps=[1,2]",
+                                  "loss_scale.kind=dynamic", "checkpoint.export_hf=false"))
+    trainer = Trainer(run, str(tmp_path / "run"))
+    try:
+        params0 = [np.array(x) for x in __import__("jax").tree_util.tree_leaves(trainer.state.params)]
+        history = trainer.run()
+        params = [np.asarray(x) for x in __import__("jax").tree_util.tree_leaves(trainer.state.params)]
+    finally:
+        trainer.close()
+    assert history[0]["skipped_steps/iteration"] == 2 and history[-1]["skipped_steps"] >= 2
+    assert history[-1]["loss_scale"] <= run.loss_scale.init_scale / 4
+    assert all(np.isfinite(p).all() for p in params)
+    assert any((a != b).any() for a, b in zip(params0, params))  # the other steps did update
+
+
+def _train(run_dir, cache_dir, *extra):
+    cmd = [sys.executable, "-m", "jaxrl_fp16.cli", "train", TINY, "--run-dir", run_dir,
+           *quick(cache_dir, "train.iterations=6", "checkpoint.every=2", *extra)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_and_resume_is_bitwise_identical(cache_dir, tmp_path, arms):  # arms: the base model is cached
+    ref_dir, killed_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
+    ref = _train(ref_dir, cache_dir)
+    assert ref.wait(timeout=600) == 0, ref.stderr.read()
+
+    proc = _train(killed_dir, cache_dir)
+    ckpt = os.path.join(killed_dir, "checkpoints")
+    deadline = time.time() + 600
+    while time.time() < deadline and not (os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    time.sleep(np.random.default_rng().uniform(0.0, 3.0))  # somewhere in the iterations after a checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.isdir(os.path.join(killed_dir, "hf")) or proc.returncode == 0
+
+    resumed = _train(killed_dir, cache_dir, "--resume")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+
+    _, p_ref = load_hf_params(os.path.join(ref_dir, "hf"))
+    _, p_res = load_hf_params(os.path.join(killed_dir, "hf"))
+    import jax
+
+    for a, b in zip(jax.tree_util.tree_leaves(p_ref), jax.tree_util.tree_leaves(p_res)):
+        np.testing.assert_array_equal(a, b)
+
+    def lines(d):
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")} for x in f]
+
+    assert lines(ref_dir) == lines(killed_dir)
+
+
+def test_a_second_run_in_the_same_directory_needs_resume(cache_dir, tmp_path, arms):
+    run = load_config(TINY, quick(cache_dir, "train.iterations=6"))
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(run, arms["fp16-mixed"]["run_dir"])
