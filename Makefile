@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo mismatch-demo clean
 
 install: $(STAMP)
 
@@ -26,9 +26,13 @@ test: install
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# The main job (for now): build a tiny sharp model and measure the sampler-vs-trainer mismatch of the built-in
-# JAX engine in FP32, FP16 and BF16 (table on stdout, files and plots under runs/demo/mismatch).
+# The main job: the paper's sanity experiment in miniature (FP16 vs BF16 RL on a tiny model, built and cached
+# locally), with a report and plots under runs/sanity.
 demo: install
+	$(VENV)/bin/jaxrl-fp16 sanity --quick --out runs/sanity
+
+# The offline mismatch analysis on a tiny sharp model, both samplers, three dtypes.
+mismatch-demo: install
 	$(VENV)/bin/jaxrl-fp16 make-tiny runs/demo/model --arch qwen2 --num-layers 4 --sharp
 	$(VENV)/bin/jaxrl-fp16 mismatch --model runs/demo/model --sampler jax --dtype float32,float16,bfloat16 \
 		--num-prompts 64 --prompt-len 16 --max-new-tokens 128 --samples-per-prompt 4 --seed 0 \

@@ -113,6 +113,16 @@ def _fp16_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _sanity(args: argparse.Namespace) -> int:
+    from jaxrl_fp16.sanity import run_sanity
+
+    report = run_sanity(args.out, quick=args.quick, sampler=args.sampler, overrides=args.overrides,
+                        progress=not args.no_progress)
+    print("\n".join(f"- {s}" for s in report["findings"]))
+    print(f"report: {os.path.join(args.out, 'report.md')}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from jaxrl_fp16.config import load_config
     from jaxrl_fp16.rl.trainer import Trainer
@@ -219,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     p.set_defaults(func=_fp16_check)
+
+    p = sub.add_parser("sanity", help="the paper's sanity experiment in miniature: FP16 vs BF16 RL, with a report")
+    p.add_argument("--quick", action="store_true", help="GRPO in FP16 and BF16 only (minutes on 2 CPU cores); "
+                   "without it: FP32 plus every algorithm in both precisions (about an hour)")
+    p.add_argument("--sampler", default="jax", choices=("jax", "vllm"))
+    p.add_argument("--out", default="runs/sanity", help="output directory (report.md, plots, one folder per arm)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every arm")
+    p.set_defaults(func=_sanity)
 
     p = sub.add_parser("train", help="RL training from a YAML run config")
     p.add_argument("config", help="YAML run config (see configs/)")

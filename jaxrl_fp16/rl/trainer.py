@@ -179,6 +179,8 @@ class Trainer:
         old_logp = self.scorer(self.state.params, tokens, attention_mask, run.sampler.temperature)
         old_logp = np.where(response_mask > 0, old_logp, 0.0).astype(np.float32)
         mm = mismatch.summarize(mismatch.mismatch_metrics(sampler_logp, old_logp, response_mask))
+        self.last_logprobs = {"sampler_logprobs": sampler_logp, "trainer_logprobs": old_logp,
+                              "response_mask": response_mask.astype(np.int32)}
         t3 = time.perf_counter()
 
         n = tokens.shape[0]
@@ -263,6 +265,9 @@ class Trainer:
             bar.close()
             if writer is not None:
                 writer.close()
+        if history:
+            # The last iteration's log mu / log pi per token, for scatter plots and offline analysis.
+            np.savez_compressed(os.path.join(self.run_dir, "last_logprobs.npz"), **self.last_logprobs)
         if run.checkpoint.export_hf and total > self.start_iteration:
             self.export(os.path.join(self.run_dir, "hf"))
         return history
