@@ -113,6 +113,22 @@ def _fp16_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _study(args: argparse.Namespace) -> int:
+    from jaxrl_fp16.precision import parse_dtype
+    from jaxrl_fp16.study import run_study
+
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    for d in dtypes:
+        parse_dtype(d)
+    result = run_study(args.model, args.out, dtypes=dtypes, num_prompts=args.num_prompts,
+                       prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens,
+                       samples_per_prompt=args.samples_per_prompt, seed=args.seed, temperature=args.temperature)
+    with open(os.path.join(args.out, "study.md")) as f:
+        print(f.read())
+    del result
+    return 0
+
+
 def _sanity(args: argparse.Namespace) -> int:
     from jaxrl_fp16.sanity import run_sanity
 
@@ -144,6 +160,14 @@ def _train(args: argparse.Namespace) -> int:
         print(f"iteration {last['step']}: accuracy {last['reward/accuracy']:.3f}, "
               f"mismatch kl_k3 {last['mismatch/kl_k3']:.2e}, skipped steps {last['skipped_steps']}; "
               f"run directory {run_dir}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from jaxrl_fp16.rl.trainer import export_checkpoint
+
+    it = export_checkpoint(args.run_dir, args.out, iteration=args.iteration, dtype=args.dtype)
+    print(f"exported iteration {it} of {args.run_dir} to {args.out} ({args.dtype})")
     return 0
 
 
@@ -230,6 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     p.set_defaults(func=_fp16_check)
 
+    p = sub.add_parser("study", help="where the mismatch comes from: per-layer drift of the two paths, op-class "
+                       "overrides, mismatch vs response length")
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--dtype", default="bfloat16,float16", help="comma list of compute dtypes to study")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--samples-per-prompt", type=int, default=2)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory (study.md, study.json, PNG plots)")
+    p.set_defaults(func=_study)
+
     p = sub.add_parser("sanity", help="the paper's sanity experiment in miniature: FP16 vs BF16 RL, with a report")
     p.add_argument("--quick", action="store_true", help="GRPO in FP16 and BF16 only (minutes on 2 CPU cores); "
                    "without it: FP32 plus every algorithm in both precisions (about an hour)")
@@ -247,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.add_argument("--export", default=None, metavar="DIR", help="also export the final policy to DIR (HF)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face directory")
+    p.add_argument("run_dir", help="a run directory (with config.yaml and checkpoints/)")
+    p.add_argument("out", help="output Hugging Face directory (written atomically)")
+    p.add_argument("--iteration", type=int, default=None, help="which checkpoint (default: the latest)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("sft", help="supervised warm start on a task's reference responses")
     p.add_argument("config", help="YAML run config (model, task and model.warm_start sections are used)")

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 __all__ = ["token_prob_scatter", "seq_log_ratio_vs_length", "layer_drift_plot", "override_gap_plot",
-           "mismatch_vs_length_plot"]
+           "mismatch_vs_length_plot", "training_curves"]
 
 Series = tuple[np.ndarray, np.ndarray, np.ndarray]  # (log mu [N,T], log pi [N,T], response mask [N,T])
 
@@ -109,9 +109,11 @@ def layer_drift_plot(tables: Mapping[str, list[dict]], path: str) -> None:
             color = colors[i % len(colors)]
             layers = [r["layer"] for r in rows]
             for prefix, text, ls, marker, filled in _DRIFT_STYLES:
-                ax.plot(layers, _positive([r.get(f"{prefix}_{stat}", np.nan) for r in rows]), ls=ls,
-                        marker=marker, color=color, lw=1.5, ms=7 if not filled else 5,
-                        mfc=color if filled else "none", label=f"{label}: {text}")
+                values = np.array([r.get(f"{prefix}_{stat}", np.nan) for r in rows], np.float64)
+                if values.size and np.all(values == 0):
+                    text += " (0 at every layer: not drawn)"
+                ax.plot(layers, _positive(values), ls=ls, marker=marker, color=color, lw=1.5,
+                        ms=7 if not filled else 5, mfc=color if filled else "none", label=f"{label}: {text}")
         ax.set_yscale("log")
         ax.set_xlabel("layer (residual stream after it)")
         ax.set_title(f"{stat} over response positions", fontsize=10)
