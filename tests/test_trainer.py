@@ -37,7 +37,8 @@ def arms(cache_dir, tmp_path_factory):
     """The same 24-iteration run in FP16 and in BF16, with accuracy on the prompt set before and after."""
     out = {}
     for precision in ("fp16-mixed", "bf16-mixed"):
-        run = load_config(TINY, quick(cache_dir, f"precision={precision}", "train.iterations=24"))
+        run = load_config(TINY, quick(cache_dir, f"precision={precision}", "train.iterations=24",
+                                      "log.tensorboard=true"))
         run_dir = str(tmp_path_factory.mktemp(precision))
         trainer = Trainer(run, run_dir)
         try:
@@ -72,6 +73,23 @@ def test_every_metrics_line_carries_the_mismatch(arms, precision):
         assert required <= set(m), required - set(m)
         assert m["mismatch/num_tokens"] > 0 and np.isfinite(m["mismatch/kl_k3"])
     assert os.path.isdir(os.path.join(run_dir, "hf")) and os.path.isfile(os.path.join(run_dir, "config.yaml"))
+    events = [f for f in os.listdir(os.path.join(run_dir, "tb")) if f.startswith("events.out.tfevents")]
+    assert events and os.path.getsize(os.path.join(run_dir, "tb", events[0])) > 1000
+
+
+def test_export_on_demand_equals_the_final_export(arms, tmp_path):
+    from jaxrl_fp16.cli import main
+
+    run_dir = arms["fp16-mixed"]["run_dir"]
+    out = tmp_path / "exported"
+    assert main(["export", run_dir, str(out)]) == 0
+    import jax
+
+    _, a = load_hf_params(os.path.join(run_dir, "hf"))
+    _, b = load_hf_params(out)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    assert main(["export", run_dir, str(tmp_path / "x"), "--iteration", "7"]) == 2  # no such checkpoint
 
 
 def test_bf16_mismatch_is_larger_than_fp16(arms):
@@ -142,3 +160,25 @@ def test_a_second_run_in_the_same_directory_needs_resume(cache_dir, tmp_path, ar
     run = load_config(TINY, quick(cache_dir, "train.iterations=6"))
     with pytest.raises(FileExistsError, match="--resume"):
         Trainer(run, arms["fp16-mixed"]["run_dir"])
+
+
+def test_sft_command_writes_a_warm_started_model(cache_dir, tmp_path, arms):
+    from jaxrl_fp16.cli import main
+    from jaxrl_fp16.rl.sft import ensure_base_model
+
+    run = load_config(TINY, quick(cache_dir))
+    base = ensure_base_model(run, progress=False)  # cached by the arms
+    out = tmp_path / "base"
+    assert main(["sft", TINY, "--out", str(out), *quick(cache_dir)]) == 0
+    _, a = load_hf_params(base)
+    _, b = load_hf_params(out)
+    import jax
+
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    # From an existing model directory: a few more supervised steps change the weights.
+    more = tmp_path / "more"
+    assert main(["sft", TINY, "--out", str(more), *quick(cache_dir, f"model.path={base}",
+                                                          "model.warm_start.steps=20")]) == 0
+    _, c = load_hf_params(more)
+    assert any((x != y).any() for x, y in zip(jax.tree_util.tree_leaves(b), jax.tree_util.tree_leaves(c)))

@@ -68,8 +68,9 @@ def run_sft(model_dir: str, task: Any, sft: Any, out_dir: str, *, progress: bool
         nll = -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
         return nll, {}
 
-    schedule = optax.warmup_cosine_decay_schedule(0.0, sft.lr, max(1, sft.warmup_steps), sft.steps,
-                                                  end_value=sft.lr * 0.1)
+    warmup = max(0, min(sft.warmup_steps, sft.steps - 1))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, sft.lr, warmup, sft.steps, end_value=sft.lr * 0.1) \
+        if sft.steps > 1 else sft.lr
     optimizer = optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.0)
     scale = DynamicLossScale(loss_scale=2.0 ** 15, period=200) if policy.compute_dtype == np.float16 \
         else NoOpLossScale()

@@ -44,7 +44,7 @@ from jaxrl_fp16.sampling import SamplingSettings, create_sampler
 from jaxrl_fp16.scoring import Scorer
 from jaxrl_fp16.step import TrainState, make_train_step
 
-__all__ = ["Trainer", "make_loss_scale", "make_optimizer", "prompt_indices"]
+__all__ = ["Trainer", "export_checkpoint", "make_loss_scale", "make_optimizer", "prompt_indices"]
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,32 @@ class Trainer:
     def close(self) -> None:
         self.sampler.close()
         self.checkpointer.close()
+
+
+def export_checkpoint(run_dir: str, out_dir: str, *, iteration: int | None = None,
+                      dtype: str = "float32") -> int:
+    """Writes a run's checkpoint (default: the latest) as a Hugging Face directory; returns its iteration."""
+    from jaxrl_fp16.config import load_config
+
+    config_file = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+    run = load_config(config_file)
+    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=run.checkpoint.keep)
+    try:
+        if not checkpointer.all():
+            raise FileNotFoundError(f"no checkpoint in {run_dir}")
+        if iteration is not None and iteration not in checkpointer.all():
+            raise ValueError(f"no checkpoint of iteration {iteration} in {run_dir}; have {checkpointer.all()}")
+        base_dir = ensure_base_model(run, progress=False)
+        model_cfg, params = load_hf_params(base_dir)
+        optimizer = make_optimizer(run)
+        like = TrainState.create(jax.tree_util.tree_map(jnp.asarray, params), optimizer, make_loss_scale(run))
+        state, meta = checkpointer.restore(like, iteration)
+    finally:
+        checkpointer.close()
+    save_hf_params(jax.device_get(state.params), model_cfg, out_dir, dtype=dtype, tokenizer_from=base_dir)
+    return int(meta["iteration"])
 
 
 def _truncate_metrics(path: str, keep_through: int) -> None:
