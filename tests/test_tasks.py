@@ -58,7 +58,7 @@ def test_unknown_option_lists_valid_options():
     with pytest.raises(ValueError, match="max_digits") as e:
         make_task("addition", max_digit=2)
     assert "max_digit" in str(e.value)
-    assert make_task("addition", max_digits=2).max_digits == 2
+    assert make_task("addition", max_digits=4).max_digits == 4
 
 
 @pytest.mark.parametrize("name, options", [
@@ -284,7 +284,7 @@ def test_select_perfectible_hand_computed():
 
 
 def test_build_perfectible_set_with_a_fake_sampler():
-    task = make_task("addition", max_digits=2)
+    task = make_task("addition")
     problems = task.generate(5, seed=0)
     # Problem i is solved by the first `solved[i]` of its 4 samples; pass rates 0, 1/4, 2/4, 3/4, 1.
     solved = dict(zip((p.prompt for p in problems), range(5)))
@@ -311,7 +311,7 @@ def test_build_perfectible_set_with_a_fake_sampler():
 
 
 def test_build_perfectible_set_truncated_responses_and_bad_samplers():
-    task = make_task("addition", max_digits=2)
+    task = make_task("addition")
     problems = task.generate(3, seed=0)
     # Right answers that hit the length limit count as failures.
     result = build_perfectible_set(task, problems, lambda prompts, k: [[(a.answer, j == 0) for j in range(k)]

@@ -6,7 +6,7 @@ followed by EOS, rewarded 1.0 on an exact match (after stripping whitespace and 
 otherwise.
 
     task         prompt                response                          response chars (defaults)
-    addition     "23+58="              "81"                              1-4
+    addition     "23+58="              "81"                              1-3
     reverse      "rev hello="          "olleh"                           3-8
     sort_digits  "sort 93151="         "11359"                           3-8
     count        "count 17 to 60:"     "17 18 19 ... 60"                 134-189 (long: mismatch grows with length)
@@ -135,7 +135,7 @@ class Addition(_SyntheticTask):
 
     name: ClassVar[str] = "addition"
     min_digits: int = 1
-    max_digits: int = 3
+    max_digits: int = 2
 
     def __post_init__(self):
         super().__post_init__()
