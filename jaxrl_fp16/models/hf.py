@@ -346,25 +346,22 @@ class _TorchBinFile:
     """Lazy reader of one pytorch_model*.bin file (memory-mapped with weights_only=True)."""
 
     def __init__(self, path: str):
-        import torch  # the .bin format is the only reason to import torch here
+        from jaxrl_fp16 import torch_bridge  # the .bin format is the only reason to need torch here
 
         self.path = path
-        self._torch = torch
-        try:
-            self._sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
-            self._sd = torch.load(path, map_location="cpu", weights_only=True)
+        self._bridge = torch_bridge
+        self._sd = torch_bridge.load_state_dict(path)
         if not isinstance(self._sd, Mapping):
             raise CheckpointError(f"{path} does not hold a state dict")
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: tuple(t.shape) for name, t in self._sd.items() if self._torch.is_tensor(t)}
+        return self._bridge.tensor_shapes(self._sd)
 
     def read(self, name: str) -> np.ndarray:
         t = self._sd[name]
-        if not t.is_floating_point():
+        if not self._bridge.is_float_tensor(t):
             raise CheckpointError(f"tensor {name!r} in {self.path} has dtype {t.dtype}, expected a float dtype")
-        return t.detach().to(self._torch.float32).numpy()
+        return self._bridge.to_float32_numpy(t)
 
     def close(self) -> None:
         self._sd = None

@@ -82,7 +82,7 @@ def make_tiny(out_dir: str | os.PathLike, arch: str = "qwen2", *, vocab_size: in
         The LM head is linear in the final-normed hidden state, so this multiplies every logit by `sharp`
         (tied or not) and makes the output distributions peaked: a random init is otherwise close to uniform
         (logit std about 0.02 * sqrt(hidden_size)), and precision mismatch is only visible on peaked outputs.
-      seed: `torch.manual_seed` for the initialisation.
+      seed: seeds torch's generator for the initialisation.
       rope_scaling: e.g. {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64} or {"rope_type": "linear", "factor": 2.0}.
       attention_bias: biases on q/k/v/o (llama, qwen3); qwen2 always has q/k/v biases and accepts only True.
@@ -92,8 +92,9 @@ def make_tiny(out_dir: str | os.PathLike, arch: str = "qwen2", *, vocab_size: in
     Returns:
       The absolute path of the written folder.
     """
-    import torch
     import transformers
+
+    from jaxrl_fp16 import torch_bridge
 
     if arch not in _ARCHS:
         raise ValueError(f"arch={arch!r} is not supported; supported: {', '.join(_ARCHS)}")
@@ -126,11 +127,10 @@ def make_tiny(out_dir: str | os.PathLike, arch: str = "qwen2", *, vocab_size: in
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     }[arch]
     config = config_cls(**kw)
-    torch.manual_seed(seed)
-    model = model_cls(config).to(torch.float32).eval()
+    with torch_bridge.seeded(seed):
+        model = model_cls(config).float().eval()
     if sharp is not None:
-        with torch.no_grad():
-            model.model.norm.weight.mul_(float(sharp))
+        torch_bridge.scale_parameter(model.model.norm.weight, sharp)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -1,7 +1,8 @@
 """vLLM as the sampler: an engine in the trainer's compute dtype that takes the trainer's weights every iteration.
 
-This is the only module of the package that imports vllm; torch is imported here too, to hand vLLM the pushed
-tensors. Both are imported when a sampler is built, so importing `jaxrl_fp16` never imports them.
+This is the only module of the package that imports vllm; the torch tensors handed to vLLM come from
+`jaxrl_fp16.torch_bridge`. Both are imported when a sampler is built, so importing `jaxrl_fp16` never imports
+them.
 
 The engine runs in this process (vLLM's V1 engine core in-process, `VLLM_ENABLE_V1_MULTIPROCESSING=0` unless the
 user set it), so a weight push passes torch tensors to the model directly:
@@ -42,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_fp16 import torch_bridge
 from jaxrl_fp16.models.config import ModelConfig
 from jaxrl_fp16.models.hf import HF_TABLE, expected_params_shapes, hf_state_dict, save_hf_params
 from jaxrl_fp16.precision import dtype_name, parse_dtype
@@ -80,26 +82,15 @@ def _get_leaf(params: Mapping, path: tuple[str, ...]) -> Any:
     return params
 
 
-def _numpy_to_torch(array: np.ndarray):
-    """A torch tensor sharing `array`'s memory (bfloat16 through its bit pattern: numpy has no such dtype)."""
-    import torch
-
-    if array.dtype.name == "bfloat16":
-        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
-
-
 def _dlpack_weights(params: Mapping, cfg: ModelConfig, dtype: np.dtype) -> Iterator[tuple[str, Any]]:
     """(HF name, torch tensor) with the cast and the transpose done in JAX, handed over by DLPack (no host copy
     when the arrays live on an accelerator). One layer's slice at a time, so at most one extra tensor is alive."""
-    import torch
-
     shapes = expected_params_shapes(cfg)  # the rows this config enables
     rows = [row for row in HF_TABLE if _has_path(shapes, row.path)]
 
     def one(row, leaf):
         x = jnp.asarray(leaf).astype(dtype)
-        return torch.from_dlpack(x.T if row.transpose else x)
+        return torch_bridge.jax_to_torch(x.T if row.transpose else x)
 
     # Checkpoint order, as `hf_state_dict`: embeddings, then layer by layer, then the rest.
     first = [row for row in rows if not row.per_layer and row.path[0] == "embed"]
@@ -142,7 +133,7 @@ def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: 
     if via_dlpack:
         arrays.close()
         return _dlpack_weights(params, cfg, dt)
-    return ((name, _numpy_to_torch(array)) for name, array in arrays)
+    return ((name, torch_bridge.numpy_to_torch(array)) for name, array in arrays)
 
 
 def _params_on_accelerator(params: Mapping) -> bool:
@@ -247,9 +238,7 @@ class VLLMSampler:
         os.environ.setdefault(_ENV_MULTIPROC, "0")
         self._in_process = (os.environ[_ENV_MULTIPROC] == "0" and tensor_parallel_size == 1
                             and engine_kwargs.get("pipeline_parallel_size", 1) == 1)
-        import torch
-
-        if not torch.cuda.is_available():
+        if not torch_bridge.cuda_available():
             os.environ.setdefault(_ENV_CPU_KV, "1")
         import vllm
 
@@ -386,10 +375,7 @@ class VLLMSampler:
             with _open_lock:
                 _open_in_process.discard(self)
             gc.collect()
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            torch_bridge.empty_cuda_cache()
 
     def __enter__(self) -> "VLLMSampler":
         return self
