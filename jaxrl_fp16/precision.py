@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Policy", "get_policy", "parse_dtype", "dtype_name", "half_dtype", "PRESETS", "DTYPE_NAMES"]
+__all__ = ["Policy", "get_policy", "parse_dtype", "as_dtype", "dtype_name", "half_dtype", "PRESETS", "DTYPE_NAMES"]
 
 _CANONICAL = {np.dtype(jnp.float32): "f32", np.dtype(jnp.float16): "f16", np.dtype(jnp.bfloat16): "bf16"}
 
@@ -69,6 +69,13 @@ def parse_dtype(name: str) -> np.dtype:
     if key == "half":
         return half_dtype()
     return np.dtype(DTYPE_NAMES[key])
+
+
+def as_dtype(dtype: Any) -> np.dtype:
+    """A supported floating dtype from a name (see `DTYPE_NAMES`) or a dtype; raises ValueError otherwise."""
+    dt = parse_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+    dtype_name(dt)  # validates
+    return dt
 
 
 def dtype_name(dtype: Any) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxrl_fp16.models.config import ModelConfig, Numerics
 from jaxrl_fp16.models.decoder import CausalLM, token_logprobs
-from jaxrl_fp16.precision import parse_dtype
+from jaxrl_fp16.precision import as_dtype
 
 __all__ = ["Scorer"]
 
@@ -32,7 +32,7 @@ class Scorer:
     def __init__(self, cfg: ModelConfig, *, dtype: Any = "float32", numerics: Numerics = Numerics(),
                  batch_size: int = 64, length_bucket: int = 64, chunk_size: int = 256):
         self.cfg = cfg
-        self.compute_dtype = parse_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+        self.compute_dtype = as_dtype(dtype)
         self.model = CausalLM(cfg, dtype=self.compute_dtype, numerics=numerics)
         self.batch_size = batch_size
         self.length_bucket = length_bucket

@@ -1,7 +1,6 @@
 """The built-in JAX sampler: mu equals the trainer's pi in FP32, determinism, no recompiles, stops, errors,
 and the paper's BF16-vs-FP16 gap on a sharp tiny model."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,13 +1,11 @@
 """The sanity experiment: a miniature run writes its report, and the report's numbers come from metrics.jsonl."""
 
 import json
-import os
 
-import numpy as np
 import pytest
 
 from jaxrl_fp16.cli import main
-from jaxrl_fp16.sanity import arms_for, findings, read_metrics
+from jaxrl_fp16.sanity import arms_for, findings
 
 
 @pytest.fixture(scope="module")

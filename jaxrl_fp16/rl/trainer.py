@@ -16,7 +16,6 @@ point and resumed from its last checkpoint ends with the same parameters as an u
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os

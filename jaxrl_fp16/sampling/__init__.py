@@ -4,27 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from jaxrl_fp16.models.config import ModelConfig, Numerics
-from jaxrl_fp16.precision import parse_dtype
-from jaxrl_fp16.sampling.base import Rollout, Sampler, SamplingSettings, validate_prompts
+from jaxrl_fp16.sampling.base import Rollout, Sampler, SamplingSettings, check_dtypes_agree, validate_prompts
 from jaxrl_fp16.sampling.jax_sampler import JaxSampler
 
 __all__ = ["Rollout", "Sampler", "SamplingSettings", "JaxSampler", "SAMPLERS", "create_sampler",
            "validate_prompts", "check_dtypes_agree"]
 
 SAMPLERS = ("jax", "vllm")
-
-
-def check_dtypes_agree(sampler_dtype: Any, trainer_dtype: Any, allow_mismatch: bool = False) -> None:
-    """Refuses a sampler whose compute dtype differs from the trainer's, unless explicitly allowed."""
-    s, t = np.dtype(parse_dtype(sampler_dtype) if isinstance(sampler_dtype, str) else sampler_dtype), \
-        np.dtype(parse_dtype(trainer_dtype) if isinstance(trainer_dtype, str) else trainer_dtype)
-    if s != t and not allow_mismatch:
-        raise ValueError(f"sampler dtype {s} differs from the trainer's compute dtype {t}: the rollout policy "
-                         f"would not be the training policy. Use the same dtype, or allow the mismatch "
-                         f"explicitly (allow_dtype_mismatch / --allow-dtype-mismatch) to study it.")
 
 
 def create_sampler(name: str, *, cfg: ModelConfig, params: Any, model_dir: str | None, dtype: Any,

@@ -17,7 +17,9 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-__all__ = ["SamplingSettings", "Rollout", "Sampler", "validate_prompts"]
+from jaxrl_fp16.precision import as_dtype
+
+__all__ = ["SamplingSettings", "Rollout", "Sampler", "validate_prompts", "check_dtypes_agree"]
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -101,6 +103,15 @@ class Sampler(Protocol):
 
     def close(self) -> None:
         """Frees the engine."""
+
+
+def check_dtypes_agree(sampler_dtype: Any, trainer_dtype: Any, allow_mismatch: bool = False) -> None:
+    """Refuses a sampler whose compute dtype differs from the trainer's, unless explicitly allowed."""
+    s, t = as_dtype(sampler_dtype), as_dtype(trainer_dtype)
+    if s != t and not allow_mismatch:
+        raise ValueError(f"sampler dtype {s} differs from the trainer's compute dtype {t}: the rollout policy "
+                         f"would not be the training policy. Use the same dtype, or allow the mismatch "
+                         f"explicitly (allow_dtype_mismatch / --allow-dtype-mismatch) to study it.")
 
 
 def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_len: int,

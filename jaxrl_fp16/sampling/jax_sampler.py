@@ -19,7 +19,7 @@ import numpy as np
 from jaxrl_fp16.models.config import ModelConfig, Numerics
 from jaxrl_fp16.models.decoder import CausalLM
 from jaxrl_fp16.models.inference import decode_step, left_pad, prefill
-from jaxrl_fp16.precision import parse_dtype
+from jaxrl_fp16.precision import as_dtype
 from jaxrl_fp16.sampling.base import (FINISH_LENGTH, FINISH_STOP, Rollout, SamplingSettings,
                                       validate_prompts)
 
@@ -116,7 +116,7 @@ class JaxSampler:
     def __init__(self, cfg: ModelConfig, params: Any = None, *, dtype: Any = "float32",
                  numerics: Numerics = Numerics(), max_batch_size: int = 256, prompt_bucket: int = 16):
         self.cfg = cfg
-        self.compute_dtype = parse_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+        self.compute_dtype = as_dtype(dtype)
         self.model = CausalLM(cfg, dtype=self.compute_dtype, numerics=numerics)
         self.max_batch_size = max_batch_size
         self.prompt_bucket = prompt_bucket

@@ -46,8 +46,9 @@ import numpy as np
 from jaxrl_fp16 import torch_bridge
 from jaxrl_fp16.models.config import ModelConfig
 from jaxrl_fp16.models.hf import HF_TABLE, expected_params_shapes, hf_state_dict, save_hf_params
-from jaxrl_fp16.precision import dtype_name, parse_dtype
-from jaxrl_fp16.sampling.base import FINISH_LENGTH, FINISH_STOP, Rollout, SamplingSettings, validate_prompts
+from jaxrl_fp16.precision import as_dtype, dtype_name
+from jaxrl_fp16.sampling.base import (FINISH_LENGTH, FINISH_STOP, Rollout, SamplingSettings, check_dtypes_agree,
+                                      validate_prompts)
 
 __all__ = ["VLLMSampler", "torch_weights", "row_seed"]
 
@@ -62,13 +63,6 @@ _ENV_CPU_KV = "VLLM_CPU_KVCACHE_SPACE"
 # The open in-process engine, if any (see the module docstring); a sampler dropped without close() leaves it.
 _open_lock = threading.Lock()
 _open_in_process: "weakref.WeakSet[VLLMSampler]" = weakref.WeakSet()
-
-
-def _as_dtype(dtype: Any) -> np.dtype:
-    """A float32/float16/bfloat16 numpy dtype from a name ('f16', 'bfloat16', ...) or a dtype."""
-    dt = parse_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
-    dtype_name(dt)  # validates
-    return dt
 
 
 def row_seed(seed: int, row: int) -> int:
@@ -128,7 +122,7 @@ def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: 
       An iterator in checkpoint order. The tree and its shapes are checked here, before it is returned: an
       error in the middle of a weight push would leave the engine half loaded.
     """
-    dt = _as_dtype(dtype)
+    dt = as_dtype(dtype)
     arrays = hf_state_dict(params, cfg, dt)  # checks now, converts lazily
     if via_dlpack:
         arrays.close()
@@ -216,12 +210,10 @@ class VLLMSampler:
             "vllm" (sampling follows `SamplingSettings` alone, not the checkpoint's generation defaults).
         """
         self._llm = None
-        self.compute_dtype = _as_dtype(dtype)
-        trainer = None if trainer_dtype is None else _as_dtype(trainer_dtype)
-        if trainer is not None and trainer != self.compute_dtype and not allow_dtype_mismatch:
-            raise ValueError(f"sampler dtype {self.compute_dtype.name} differs from the trainer's compute dtype "
-                             f"{trainer.name}: the sampler must run in the trainer's dtype (pass "
-                             f"allow_dtype_mismatch=True to run a deliberate mismatch)")
+        self.compute_dtype = as_dtype(dtype)
+        trainer = None if trainer_dtype is None else as_dtype(trainer_dtype)
+        if trainer is not None:
+            check_dtypes_agree(self.compute_dtype, trainer, allow_dtype_mismatch)
         mode = engine_kwargs.pop("logprobs_mode", _LOGPROBS_MODE)
         if mode != _LOGPROBS_MODE:
             raise ValueError(f"logprobs_mode={mode!r}: the sampler reports the log-probs of the distribution it "

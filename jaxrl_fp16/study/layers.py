@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxrl_fp16 import mismatch
 from jaxrl_fp16.models.config import ModelConfig, Numerics
+from jaxrl_fp16.precision import as_dtype
 from jaxrl_fp16.sampling.base import Rollout
 from jaxrl_fp16.scoring import Scorer
 from jaxrl_fp16.study import paths
@@ -70,7 +71,7 @@ def layer_drift(cfg: ModelConfig, params: Any, rollout: Rollout, dtype: Any, *, 
       A `LayerDrift`: one row per layer (see the module docstring for the columns), and the mismatch statistics
       of log mu (the inference path in D on these tokens) against log pi (`Scorer` in D).
     """
-    dt = str(paths.as_dtype(dtype))
+    dt = str(as_dtype(dtype))
     model, ref_model = paths.make_model(cfg, dt, numerics), paths.make_model(cfg, "float32", numerics)
     params_d, params_ref = paths.cast_params(params, dt), paths.cast_params(params, "float32")
     P, (N, T) = rollout.prompt_width, rollout.tokens.shape

@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxrl_fp16 import mismatch
 from jaxrl_fp16.models.config import ModelConfig, Numerics
+from jaxrl_fp16.precision import as_dtype
 from jaxrl_fp16.sampling.base import Rollout
 from jaxrl_fp16.scoring import Scorer
 from jaxrl_fp16.study import paths
@@ -69,7 +70,7 @@ def override_table(cfg: ModelConfig, params: Any, rollout: Rollout, dtype: Any, 
       One row per variant, sorted by the fraction of the KL (k3) gap closed, largest first: `override`,
       `fp32_ops`, the mismatch statistics, and `<metric>_gap_closed` for kl_k3 and prob_abs_diff_mean.
     """
-    dt = str(paths.as_dtype(dtype))
+    dt = str(as_dtype(dtype))
     scoring_temperature = temperature if temperature > 0 else 1.0
     done: dict[Numerics, dict[str, float]] = {}  # variants with equal numerics are computed once
     rows = []

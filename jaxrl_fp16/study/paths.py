@@ -20,7 +20,7 @@ import numpy as np
 from jaxrl_fp16.models.config import ModelConfig, Numerics
 from jaxrl_fp16.models.decoder import CausalLM, causal_inputs
 from jaxrl_fp16.models.inference import decode_step, prefill
-from jaxrl_fp16.precision import parse_dtype
+from jaxrl_fp16.precision import as_dtype
 from jaxrl_fp16.sampling.base import Rollout
 from jaxrl_fp16.sampling.jax_sampler import processed_logits
 
@@ -28,10 +28,6 @@ __all__ = ["Batch", "batches", "cast_params", "make_model", "inference_batch", "
            "inference_logprobs"]
 
 Array = jax.Array
-
-
-def as_dtype(dtype: Any) -> np.dtype:
-    return parse_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
 
 
 def make_model(cfg: ModelConfig, dtype: Any, numerics: Numerics = Numerics()) -> CausalLM:
