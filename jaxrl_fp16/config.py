@@ -150,6 +150,13 @@ class SamplerSection:
         if self.dtype is not None:
             _check_policy("sampler.dtype", self.dtype)
 
+    def settings(self, samples_per_prompt: int, seed: int):
+        """The `SamplingSettings` of this section for one generate call."""
+        from jaxrl_fp16.sampling import SamplingSettings
+
+        return SamplingSettings(max_new_tokens=self.max_new_tokens, samples_per_prompt=samples_per_prompt,
+                                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=seed)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimSection:

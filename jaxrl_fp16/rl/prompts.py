@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from jaxrl_fp16.rl.tasks import Problem, pass_rates, score_responses, select_perfectible
-from jaxrl_fp16.sampling import JaxSampler, SamplingSettings
+from jaxrl_fp16.sampling import JaxSampler
 
 __all__ = ["build_prompt_set", "rollout_rewards"]
 
@@ -67,10 +67,7 @@ def build_prompt_set(run: Any, base_dir: str, model_cfg: Any, params: Any, token
     else:
         sampler = JaxSampler(model_cfg, params, dtype="float32", max_batch_size=run.sampler.max_batch_size)
     prompts = [tokenizer(c.prompt, add_special_tokens=False)["input_ids"] for c in candidates]
-    settings = SamplingSettings(max_new_tokens=run.sampler.max_new_tokens, samples_per_prompt=p.samples_per_prompt,
-                                temperature=run.sampler.temperature, top_p=run.sampler.top_p,
-                                top_k=run.sampler.top_k, seed=run.task.seed)
-    rollout = sampler.generate(prompts, settings)
+    rollout = sampler.generate(prompts, run.sampler.settings(p.samples_per_prompt, run.task.seed))
     rewards = rollout_rewards(task, candidates, tokenizer, rollout)
     rates = pass_rates(rewards, p.samples_per_prompt)
     position = {id(c): i for i, c in enumerate(candidates)}

@@ -39,7 +39,7 @@ from jaxrl_fp16.rl.losses import LossInputs, compute_loss
 from jaxrl_fp16.rl.prompts import build_prompt_set, rollout_rewards
 from jaxrl_fp16.rl.sft import ensure_base_model
 from jaxrl_fp16.rl.tasks import make_task
-from jaxrl_fp16.sampling import SamplingSettings, create_sampler
+from jaxrl_fp16.sampling import create_sampler
 from jaxrl_fp16.scoring import Scorer
 from jaxrl_fp16.step import TrainState, make_train_step
 
@@ -159,10 +159,7 @@ class Trainer:
         t0 = time.perf_counter()
         idx = prompt_indices(len(self.problems), run.train.prompts_per_iteration, it, run.seed)
         problems = [self.problems[i] for i in idx]
-        settings = SamplingSettings(max_new_tokens=run.sampler.max_new_tokens,
-                                    samples_per_prompt=run.train.samples_per_prompt,
-                                    temperature=run.sampler.temperature, top_p=run.sampler.top_p,
-                                    top_k=run.sampler.top_k, seed=run.seed * 1_000_003 + it)
+        settings = run.sampler.settings(run.train.samples_per_prompt, seed=run.seed * 1_000_003 + it)
         rollout = self.sampler.generate([self.prompt_ids[i] for i in idx], settings)
         t1 = time.perf_counter()
         rewards = rollout_rewards(self.task, problems, self.tokenizer, rollout)
@@ -273,11 +270,7 @@ class Trainer:
 
     def evaluate(self, samples_per_prompt: int = 4, seed: int = 12345) -> float:
         """Accuracy of the current weights on the whole prompt set (same prompts and seed every call)."""
-        run = self.run_cfg
-        settings = SamplingSettings(max_new_tokens=run.sampler.max_new_tokens, samples_per_prompt=samples_per_prompt,
-                                    temperature=run.sampler.temperature, top_p=run.sampler.top_p,
-                                    top_k=run.sampler.top_k, seed=seed)
-        rollout = self.sampler.generate(self.prompt_ids, settings)
+        rollout = self.sampler.generate(self.prompt_ids, self.run_cfg.sampler.settings(samples_per_prompt, seed))
         rewards = rollout_rewards(self.task, self.problems, self.tokenizer, rollout)
         return float(np.mean(rewards >= 1.0))
 
