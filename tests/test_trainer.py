@@ -129,15 +129,19 @@ def test_sigkill_and_resume_is_bitwise_identical(cache_dir, tmp_path, arms):  # 
     assert ref.wait(timeout=600) == 0, ref.stderr.read()
 
     proc = _train(killed_dir, cache_dir)
-    ckpt = os.path.join(killed_dir, "checkpoints")
+    metrics = os.path.join(killed_dir, "metrics.jsonl")
+    rng = np.random.default_rng()
+    target = int(rng.integers(2, 5))  # kill after 2-4 of the 6 iterations (checkpoints every 2), mid-iteration
     deadline = time.time() + 600
-    while time.time() < deadline and not (os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))):
+    while time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    time.sleep(np.random.default_rng().uniform(0.0, 3.0))  # somewhere in the iterations after a checkpoint
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= target:
+            break
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.2))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not os.path.isdir(os.path.join(killed_dir, "hf")) or proc.returncode == 0
+    assert proc.returncode == -signal.SIGKILL
 
     resumed = _train(killed_dir, cache_dir, "--resume")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
@@ -153,6 +157,17 @@ def test_sigkill_and_resume_is_bitwise_identical(cache_dir, tmp_path, arms):  # 
         with open(os.path.join(d, "metrics.jsonl")) as f:
             return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")} for x in f]
 
+    assert lines(ref_dir) == lines(killed_dir)
+
+    # Killed after the last checkpoint but before the export: resuming only exports, and the same weights.
+    import shutil
+
+    shutil.rmtree(os.path.join(killed_dir, "hf"))
+    again = _train(killed_dir, cache_dir, "--resume")
+    assert again.wait(timeout=600) == 0, again.stderr.read()
+    _, p_again = load_hf_params(os.path.join(killed_dir, "hf"))
+    for a, b in zip(jax.tree_util.tree_leaves(p_ref), jax.tree_util.tree_leaves(p_again)):
+        np.testing.assert_array_equal(a, b)
     assert lines(ref_dir) == lines(killed_dir)
 
 

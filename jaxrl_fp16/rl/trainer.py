@@ -264,8 +264,10 @@ class Trainer:
         if history:
             # The last iteration's log mu / log pi per token, for scatter plots and offline analysis.
             np.savez_compressed(os.path.join(self.run_dir, "last_logprobs.npz"), **self.last_logprobs)
-        if run.checkpoint.export_hf and total > self.start_iteration:
-            self.export(os.path.join(self.run_dir, "hf"))
+        hf_dir = os.path.join(self.run_dir, "hf")
+        # Also when a resumed run had nothing left to do but was killed before its export.
+        if run.checkpoint.export_hf and (total > self.start_iteration or not os.path.isdir(hf_dir)):
+            self.export(hf_dir)
         return history
 
     def evaluate(self, samples_per_prompt: int = 4, seed: int = 12345) -> float:
