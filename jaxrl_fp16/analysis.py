@@ -23,7 +23,7 @@ from jaxrl_fp16.sampling.base import Rollout, Sampler, SamplingSettings
 from jaxrl_fp16.scoring import Scorer
 
 __all__ = ["MismatchResult", "measure_mismatch", "save_mismatch", "random_prompts", "load_prompts",
-           "format_table"]
+           "format_table", "json_safe"]
 
 
 @dataclasses.dataclass
@@ -69,7 +69,7 @@ def save_mismatch(result: MismatchResult, out_dir: str | os.PathLike, plots: boo
         response_mask=r.response_mask, sampler_logprobs=r.logprobs.astype(np.float32),
         trainer_logprobs=result.trainer_logprobs.astype(np.float32), prompt_index=r.prompt_index)
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(_json_safe(result.summary), f, indent=2)
+        json.dump(json_safe(result.summary), f, indent=2)
     if plots:
         from jaxrl_fp16 import plots as plotting
 
@@ -80,11 +80,14 @@ def save_mismatch(result: MismatchResult, out_dir: str | os.PathLike, plots: boo
                                          os.path.join(out_dir, "seq_log_ratio.png"))
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """Strict JSON: numpy scalars as Python numbers, NaN as null, infinities as "inf" / "-inf"."""
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
     if isinstance(obj, float) and not np.isfinite(obj):
         return None if np.isnan(obj) else ("inf" if obj > 0 else "-inf")
     return obj

@@ -80,7 +80,7 @@ def _mismatch(args: argparse.Namespace) -> int:
         with open(os.path.join(args.out, "table.md"), "w") as f:
             f.write(table + "\n")
         with open(os.path.join(args.out, "table.json"), "w") as f:
-            json.dump([analysis._json_safe(s) for s in summaries], f, indent=2)
+            json.dump([analysis.json_safe(s) for s in summaries], f, indent=2)
     return 0
 
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jaxrl_fp16 import mismatch
-from jaxrl_fp16.analysis import random_prompts
+from jaxrl_fp16.analysis import json_safe, random_prompts
 from jaxrl_fp16.models.config import Numerics
 from jaxrl_fp16.models.hf import load_hf_params
 from jaxrl_fp16.precision import dtype_name
@@ -140,7 +140,7 @@ def run_study(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
         files += _write_plots(result, out_dir)
     result["files"] = files
     with open(os.path.join(out_dir, "study.json"), "w") as f:
-        json.dump(_json_safe(result), f, indent=2)
+        json.dump(json_safe(result), f, indent=2)
     with open(os.path.join(out_dir, "study.md"), "w") as f:
         f.write(format_report(result))
     return result
@@ -277,15 +277,3 @@ def format_report(result: dict[str, Any]) -> str:
     if pngs:
         out += ["", "## Plots", ""] + [f"![{f[:-4]}]({f})" for f in pngs]
     return "\n".join(out) + "\n"
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    return obj
