@@ -197,11 +197,15 @@ class CausalLM(nn.Module):
       cfg: the architecture.
       dtype: compute dtype (the precision policy's `compute_dtype`).
       numerics: which sensitive steps run in FP32.
+      unroll: layers per iteration of the layer loop (`nn.scan`'s unroll; True = all). The parameters are the
+        same either way; unrolling the decode loop saves the per-layer slicing of the stacked weights and the
+        loop's per-iteration overhead, which dominate one-token steps of small models.
     """
 
     cfg: ModelConfig
     dtype: Any = jnp.float32
     numerics: Numerics = Numerics()
+    unroll: int | bool = 1
 
     @nn.compact
     def __call__(self, tokens_BxT: Array, positions_BxT: Array, mask_BxTxS: Array,
@@ -226,6 +230,7 @@ class CausalLM(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=cfg.num_layers,
+            unroll=self.unroll,
         )(cfg, self.dtype, num, collect_hidden, name="layers")
         h, (new_kv, per_layer) = layers(h, cos_sin, mask_BxTxS, jnp.asarray(index, jnp.int32), kv)
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, name="final_norm")(h.astype(self.dtype))

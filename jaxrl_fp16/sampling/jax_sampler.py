@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxrl_fp16.models.config import ModelConfig, Numerics
 from jaxrl_fp16.models.decoder import CausalLM
-from jaxrl_fp16.models.inference import decode_step, left_pad, prefill
+from jaxrl_fp16.models.inference import decode_step, prefill
 from jaxrl_fp16.precision import as_dtype
 from jaxrl_fp16.sampling.base import (FINISH_LENGTH, FINISH_STOP, Rollout, SamplingSettings,
                                       validate_prompts)
@@ -66,9 +66,13 @@ def sample_tokens(logits_BxV: Array, keys_B: Array, temperature: Array, top_p: A
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
-def _generate(model: CausalLM, params: Any, prompt_BxP: Array, mask_BxP: Array, keys_B: Array, stop_ids: Array,
-              temperature: Array, top_p: Array, top_k: Array, pad_id: Array, *, max_new_tokens: int):
+def _generate(model: CausalLM, params: Any, prompt_BxP: Array, mask_BxP: Array, base_key: Array, first_row: Array,
+              stop_ids: Array, temperature: Array, top_p: Array, top_k: Array, pad_id: Array, *,
+              max_new_tokens: int):
     B, P = prompt_BxP.shape
+    # Row r of the call draws from fold_in(base_key, r): derived here, not eagerly per chunk on the host.
+    row_ids = first_row.astype(jnp.uint32) + jnp.arange(B, dtype=jnp.uint32)
+    keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, row_ids)
     logits, cache, pos_B = prefill(model, params, prompt_BxP, mask_BxP, P + max_new_tokens)
 
     def cond(state):
@@ -95,6 +99,16 @@ def _generate(model: CausalLM, params: Any, prompt_BxP: Array, mask_BxP: Array, 
     first_stop = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1) + 1, n)
     lengths_B = jnp.where(done_B, first_stop, n)
     return out_tok, out_lp, lengths_B, done_B
+
+
+def _left_pad_host(prompts: list[list[int]], pad_id: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """`left_pad` in numpy (no device round trip per call; `prompts` are already validated)."""
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return tokens, mask
 
 
 def _next_pow2(n: int) -> int:
@@ -144,8 +158,8 @@ class JaxSampler:
         stop_ids = np.full((max(8, -(-len(stop) // 8) * 8),), -1, np.int32)
         stop_ids[: len(stop)] = stop
         base_key = jax.random.PRNGKey(settings.seed)
-        scalars = (jnp.float32(settings.temperature), jnp.float32(settings.top_p), jnp.int32(settings.top_k),
-                   jnp.int32(self.pad_id))
+        scalars = (stop_ids, np.float32(settings.temperature), np.float32(settings.top_p), np.int32(settings.top_k),
+                   np.int32(self.pad_id))
 
         R = settings.max_new_tokens
         out_tok, out_lp, lengths, stopped = [], [], [], []
@@ -153,17 +167,15 @@ class JaxSampler:
             chunk = rows[start:start + self.max_batch_size]
             bucket = min(_next_pow2(len(chunk)), self.max_batch_size)
             padded = chunk + [chunk[0]] * (bucket - len(chunk))
-            tok_BxP, mask_BxP = left_pad(padded, self.pad_id, width)
-            row_ids = jnp.arange(start, start + bucket, dtype=jnp.uint32)
-            keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, row_ids)
-            res = _generate(self.model, self._params, tok_BxP, mask_BxP, keys, jnp.asarray(stop_ids), *scalars,
-                            max_new_tokens=R)
+            tok_BxP, mask_BxP = _left_pad_host(padded, self.pad_id, width)
+            res = _generate(self.model, self._params, tok_BxP, mask_BxP, base_key, np.uint32(start),
+                            *scalars, max_new_tokens=R)
             t, lp, n, d = (np.asarray(x)[: len(chunk)] for x in jax.device_get(res))
             out_tok.append(t), out_lp.append(lp), lengths.append(n), stopped.append(d)
         out_tok, out_lp = np.concatenate(out_tok), np.concatenate(out_lp)
         lengths, stopped = np.concatenate(lengths), np.concatenate(stopped)
 
-        prompt_tok, prompt_mask = (np.asarray(x) for x in left_pad(rows, self.pad_id, P))
+        prompt_tok, prompt_mask = _left_pad_host(rows, self.pad_id, P)
         resp_mask = (np.arange(R)[None, :] < lengths[:, None]).astype(np.int32)
         out_tok = np.where(resp_mask == 1, out_tok, self.pad_id).astype(np.int32)
         zeros = np.zeros_like(prompt_mask)
