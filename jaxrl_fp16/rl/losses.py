@@ -5,7 +5,8 @@ Per response token t of sequence b (where `mask_BxT` is set):
     logp_t   log pi_theta(y_t)    current policy; the only differentiable input
     old_t    log pi_theta'(y_t)   trainer's recomputation with the weights that sampled (constant)
     mu_t     log mu(y_t)          sampler's log-prob (constant)
-    A        advantage of the sequence;  C = is_cap;  sg = stop_gradient;  n_b = number of response tokens
+    A        advantage: one per sequence (`advantages_B`), or one per token (`advantages_BxT`, A_bt, e.g. GAE)
+    C = is_cap;  sg = stop_gradient;  n_b = number of response tokens
     clamp(x) = clip(x, -log_ratio_clamp, log_ratio_clamp), applied to every log-ratio before exp
     r_t      = exp(clamp(logp_t - old_t))                                  pi_theta / pi_theta'
     ppo(x)   = min(x A, clip(x, 1 - lo, 1 + hi) A)
@@ -24,7 +25,8 @@ Per-token objective terms j_t of each algorithm (registry name: term):
 
 GSPO is implemented in its sequence form: every response token of sequence b carries the sequence objective J_b =
 ppo(s_b), so `seq-mean-token-mean` gives the GSPO objective mean_b J_b. With A per sequence this has the value and
-the gradient of GSPO-token (s_t = sg(s) pi_theta(y_t) / sg(pi_theta(y_t))) under every aggregation.
+the gradient of GSPO-token (s_t = sg(s) pi_theta(y_t) / sg(pi_theta(y_t))) under every aggregation. GSPO
+takes sequence advantages only; every other algorithm also takes per-token advantages (A becomes A_bt).
 
 The loss is the negative objective, plus an optional KL penalty to a reference policy (k3 per token):
 
@@ -78,13 +80,18 @@ DIAG_NAMES: tuple[str, ...] = ("policy_loss", "clip_frac", "is_weight_mean", "is
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LossInputs:
-    """The batch a loss reads: [B, T] per-token log-probs of the sampled tokens, [B] advantages, [B, T] mask."""
+    """The batch a loss reads: [B, T] per-token log-probs of the sampled tokens, advantages, [B, T] mask.
+
+    Exactly one of `advantages_B` (one per sequence, as GRPO's) and `advantages_BxT` (one per token, as PPO's
+    GAE) is given.
+    """
 
     logp_BxT: Array  # log pi_theta, differentiable
     old_logp_BxT: Array  # log pi_theta', the trainer's recomputation before the update
     sampler_logp_BxT: Array  # log mu, as the sampler reported it
-    advantages_B: Array
     mask_BxT: Array  # nonzero on response tokens
+    advantages_B: Array | None = None
+    advantages_BxT: Array | None = None
     ref_logp_BxT: Array | None = None  # frozen reference policy; needed only when kl_coef > 0
 
 
@@ -131,21 +138,26 @@ class _Batch(NamedTuple):
     old_logp_BxT: Array
     mu_logp_BxT: Array
     ref_logp_BxT: Array | None
-    adv_B: Array
+    adv_B: Array | None  # None when the advantages are per token
+    adv_BxT: Array  # the advantage of every token: A_b broadcast, or A_bt
     mask_BxT: Array  # bool
     has_tokens_B: Array  # bool
 
 
 def _check_shapes(inputs: LossInputs) -> None:
-    """Raises ValueError unless the per-token inputs share one [B, T] shape and the advantages are [B]."""
+    """Raises ValueError unless the per-token inputs share one [B, T] shape and the advantages are [B] or [B, T]."""
+    if (inputs.advantages_B is None) == (inputs.advantages_BxT is None):
+        raise ValueError("give exactly one of advantages_B (per sequence) and advantages_BxT (per token)")
     named = {"logp_BxT": inputs.logp_BxT, "old_logp_BxT": inputs.old_logp_BxT,
              "sampler_logp_BxT": inputs.sampler_logp_BxT, "mask_BxT": inputs.mask_BxT}
     if inputs.ref_logp_BxT is not None:
         named["ref_logp_BxT"] = inputs.ref_logp_BxT
+    if inputs.advantages_BxT is not None:
+        named["advantages_BxT"] = inputs.advantages_BxT
     shapes = {name: jnp.shape(x) for name, x in named.items()}
     if len(set(shapes.values())) != 1 or len(shapes["mask_BxT"]) != 2:
         raise ValueError(f"per-token inputs must share one [B, T] shape, got {shapes}")
-    if jnp.shape(inputs.advantages_B) != shapes["mask_BxT"][:1]:
+    if inputs.advantages_B is not None and jnp.shape(inputs.advantages_B) != shapes["mask_BxT"][:1]:
         raise ValueError(f"advantages_B must have shape {shapes['mask_BxT'][:1]}, "
                          f"got {jnp.shape(inputs.advantages_B)}")
 
@@ -161,10 +173,14 @@ def _prepare(inputs: LossInputs) -> _Batch:
 
     const = jax.lax.stop_gradient
     ref = None if inputs.ref_logp_BxT is None else const(f32(inputs.ref_logp_BxT))
-    adv_B = const(jnp.where(has_tokens_B, jnp.asarray(inputs.advantages_B, jnp.float32), 0.0))
+    if inputs.advantages_B is not None:
+        adv_B = const(jnp.where(has_tokens_B, jnp.asarray(inputs.advantages_B, jnp.float32), 0.0))
+        adv_BxT = jnp.broadcast_to(adv_B[:, None], mask_BxT.shape)
+    else:
+        adv_B, adv_BxT = None, const(f32(inputs.advantages_BxT))
     return _Batch(logp_BxT=f32(inputs.logp_BxT), old_logp_BxT=const(f32(inputs.old_logp_BxT)),
                   mu_logp_BxT=const(f32(inputs.sampler_logp_BxT)), ref_logp_BxT=ref, adv_B=adv_B,
-                  mask_BxT=mask_BxT, has_tokens_B=has_tokens_B)
+                  adv_BxT=adv_BxT, mask_BxT=mask_BxT, has_tokens_B=has_tokens_B)
 
 
 def _mean(x: Array, mask: Array, empty: float) -> Array:
@@ -222,7 +238,7 @@ def _ppo(ratio: Array, adv: Array, eps_low: float, eps_high: float) -> tuple[Arr
 def _grpo_terms(config: LossConfig, x: _Batch) -> tuple[Array, Array]:
     """Token PPO-clip terms ppo(r_t) (0 off the mask) and the fraction of tokens where clipping is active."""
     ratio_BxT = _exp_clamped(x.logp_BxT - x.old_logp_BxT, config)
-    terms_BxT, clipped_BxT = _ppo(ratio_BxT, x.adv_B[:, None], config.eps_low, config.eps_high)
+    terms_BxT, clipped_BxT = _ppo(ratio_BxT, x.adv_BxT, config.eps_low, config.eps_high)
     return jnp.where(x.mask_BxT, terms_BxT, 0.0), _mean(clipped_BxT, x.mask_BxT, 0.0)
 
 
@@ -269,7 +285,7 @@ def _finish(config: LossConfig, x: _Batch, terms_BxT: Array, *, clip_frac: Array
 def pg_loss(config: LossConfig, inputs: LossInputs) -> tuple[Array, dict[str, Array]]:
     """Vanilla policy gradient: j_t = A logp_t (no importance sampling)."""
     x = _prepare(inputs)
-    return _finish(config, x, x.adv_B[:, None] * x.logp_BxT)
+    return _finish(config, x, x.adv_BxT * x.logp_BxT)
 
 
 def grpo_loss(config: LossConfig, inputs: LossInputs) -> tuple[Array, dict[str, Array]]:
@@ -312,7 +328,7 @@ def _pg_seq(config: LossConfig, inputs: LossInputs, mode: str) -> tuple[Array, d
     """PG with every term of a sequence times its weight from w = pi_theta(y) / mu(y)."""
     x = _prepare(inputs)
     w_B, over_cap_B = _seq_weight(jnp.sum(x.logp_BxT - x.mu_logp_BxT, axis=-1), config, mode)
-    return _finish(config, x, (w_B * x.adv_B)[:, None] * x.logp_BxT,
+    return _finish(config, x, (w_B[:, None] * x.adv_BxT) * x.logp_BxT,
                    is_weight_mean=_mean(w_B, x.has_tokens_B, 1.0), is_weight_max=_max(w_B, x.has_tokens_B, 1.0),
                    masked_frac=_mean(over_cap_B, x.has_tokens_B, 0.0) if mode == "mis" else 0.0)
 
@@ -335,6 +351,8 @@ def pg_seq_mis_loss(config: LossConfig, inputs: LossInputs) -> tuple[Array, dict
 def gspo_loss(config: LossConfig, inputs: LossInputs) -> tuple[Array, dict[str, Array]]:
     """GSPO, sequence form: each response token carries J_b = ppo(s_b), s_b = (pi_theta(y) / pi_theta'(y))^(1/n_b)."""
     x = _prepare(inputs)
+    if x.adv_B is None:
+        raise ValueError("gspo takes one advantage per sequence (advantages_B), not per-token advantages_BxT")
     n_B = jnp.sum(x.mask_BxT, axis=-1).astype(jnp.float32)
     s_B = _exp_clamped(jnp.sum(x.logp_BxT - x.old_logp_BxT, axis=-1) / jnp.maximum(n_B, 1.0), config)
     objective_B, clipped_B = _ppo(s_B, x.adv_B, config.gspo_eps_low, config.gspo_eps_high)
