@@ -1,0 +1,253 @@
+"""The DPO loop: offline preference optimisation through the one jitted mixed-precision step.
+
+    pairs            <- (prompt, chosen, rejected) from the task; held-out pairs on prompts never trained on
+    ref log-probs    <- the frozen reference (the base model) scores every pair once, in the compute dtype
+    for each step:
+        rows         <- the next slice of a per-epoch permutation (a function of seed and step)
+        state        <- step(state, pairs[rows])      policy log-probs in the compute dtype, DPO loss in FP32,
+                                                      loss scaling, skip on overflow
+        log; every eval_every steps: held-out loss, preference accuracy and margins; checkpoint
+    export the final policy as a Hugging Face directory
+
+The reference and the held-out evaluation go through the same jitted scoring function, so at step 0 every
+held-out pair is a tie and the preference accuracy is exactly 0.5.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl_fp16.checkpoint import Checkpointer
+from jaxrl_fp16.config import ConfigError, RunConfig, to_yaml
+from jaxrl_fp16.models.config import Numerics
+from jaxrl_fp16.models.decoder import CausalLM, token_logprobs
+from jaxrl_fp16.models.hf import load_hf_params, save_hf_params
+from jaxrl_fp16.rl.dpo import DPO_DIAG_NAMES, dpo_loss, sequence_logps
+from jaxrl_fp16.rl.preferences import PairArrays, split_pairs, tokenize_pairs
+from jaxrl_fp16.rl.sft import ensure_base_model
+from jaxrl_fp16.rl.tasks import make_task
+from jaxrl_fp16.rl.trainer import truncate_metrics, make_loss_scale, make_optimizer
+from jaxrl_fp16.step import TrainState, make_train_step
+
+__all__ = ["DPOTrainer", "batch_rows", "pair_logps"]
+
+log = logging.getLogger(__name__)
+_EVAL_BATCH = 128  # pairs per scoring call (a fixed shape: one compiled program)
+
+
+def pair_logps(model: CausalLM, params: Any, tokens_Nx2xT: jax.Array, attention_mask_Nx2xT: jax.Array,
+               response_mask_Nx2xT: jax.Array) -> jax.Array:
+    """Summed response log-probs [N, 2] (chosen, rejected) of pairs, in FP32; params in the compute dtype."""
+    N, two, T = tokens_Nx2xT.shape
+    logp_MxT = token_logprobs(model, params, tokens_Nx2xT.reshape(N * two, T),
+                              attention_mask_Nx2xT.reshape(N * two, T))
+    return sequence_logps(logp_MxT, response_mask_Nx2xT.reshape(N * two, T)).reshape(N, two)
+
+
+def batch_rows(num_pairs: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Pair indices of optimizer step `step`: successive slices of per-epoch permutations (a pure function)."""
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = np.divmod(positions, num_pairs)
+    perms = {int(e): np.random.default_rng([seed, int(e)]).permutation(num_pairs) for e in np.unique(epochs)}
+    return np.asarray([perms[int(e)][o] for e, o in zip(epochs, offsets)])
+
+
+def _check_supported(run: RunConfig) -> None:
+    """DPO trains the full policy on one device: refuse the RL-only settings instead of ignoring them."""
+    if run.lora is not None:
+        raise ConfigError("lora: the dpo trainer trains full weights; remove the lora section (LoRA is supported by "
+                          "the RL trainer)")
+    if run.critic.enabled:
+        raise ConfigError("critic.enabled=true: DPO has no value model; set critic.enabled=false")
+    if run.mesh.fsdp != 1 or run.mesh.tensor != 1:
+        raise ConfigError(f"mesh.fsdp={run.mesh.fsdp}, mesh.tensor={run.mesh.tensor}: the dpo trainer runs on one "
+                          f"device and does not shard parameters; leave them at 1")
+
+
+class DPOTrainer:
+    """Builds a DPO run from a `RunConfig` (its `dpo` section); `run()` trains, logging to `run_dir`."""
+
+    def __init__(self, run: RunConfig, run_dir: str, *, resume: bool = False):
+        self.run_cfg = run
+        self.run_dir = run_dir
+        self.policy = run.policy
+        d = run.dpo
+        _check_supported(run)
+        ckpt_dir = os.path.join(run_dir, "checkpoints")
+        if not resume and os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir)):
+            raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
+                                  f"or choose another --run-dir")
+        self.base_dir = ensure_base_model(run, progress=run.log.progress)
+        self.model_cfg, params = load_hf_params(self.base_dir)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        task = make_task(run.task.name, **dict(run.task.options))
+        self.train_pairs, self.eval_pairs = split_pairs(task, d.num_pairs, d.eval_pairs, d.seed)
+        data = tokenize_pairs(self.train_pairs + self.eval_pairs, tokenizer)  # one width for both
+        if data.tokens.shape[-1] > self.model_cfg.max_position_embeddings:
+            raise ValueError(f"preference rows are {data.tokens.shape[-1]} tokens long, more than the model's "
+                             f"context ({self.model_cfg.max_position_embeddings})")
+        self.train_data = data.subset(slice(0, d.num_pairs))
+        self.eval_data = data.subset(slice(d.num_pairs, None))
+
+        self.model = CausalLM(self.model_cfg, dtype=self.policy.compute_dtype,
+                              numerics=Numerics.from_overrides(run.model.fp32_ops))
+        self.loss_cfg = d.loss_config()
+        self._score = jax.jit(functools.partial(pair_logps, self.model))
+        params = jax.tree_util.tree_map(jnp.asarray, params)
+        # The frozen reference: the starting weights, scored once in the policy's compute dtype.
+        self.ref_train = self.score(params, self.train_data)
+        self.ref_eval = self.score(params, self.eval_data)
+
+        self.optimizer = make_optimizer(run)
+        self.step_fn = make_train_step(self._loss_fn, self.optimizer, self.policy,
+                                       max_grad_norm=run.optim.max_grad_norm, num_microbatches=d.microbatches)
+        self.state = TrainState.create(params, self.optimizer, make_loss_scale(run))
+        os.makedirs(run_dir, exist_ok=True)
+        self.checkpointer = Checkpointer(ckpt_dir, keep=run.checkpoint.keep)
+        self.start_step = 0
+        if resume and self.checkpointer.latest() is not None:
+            self.state, meta = self.checkpointer.restore(self.state)
+            self.start_step = int(meta["step"])
+            log.info("resumed from step %d", self.start_step)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(run))
+
+    # ----- the loss the jitted step differentiates -----
+
+    def _loss_fn(self, compute_params: Any, batch: dict[str, jax.Array]):
+        logp_Bx2 = pair_logps(self.model, compute_params, batch["tokens"], batch["attention_mask"],
+                              batch["response_mask"])
+        ref_Bx2 = batch["ref_logps"]
+        loss, diag = dpo_loss(self.loss_cfg, logp_Bx2[:, 0], logp_Bx2[:, 1], ref_Bx2[:, 0], ref_Bx2[:, 1])
+        # Fault injection for tests and drills: a poisoned batch makes every gradient non-finite.
+        loss = loss * jnp.where(jnp.any(batch["poison"] > 0), jnp.inf, 1.0)
+        return loss, diag
+
+    # ----- scoring and evaluation -----
+
+    def score(self, params: Any, data: PairArrays) -> np.ndarray:
+        """Summed response log-probs [N, 2] of `data` under FP32 master `params`, in the compute dtype."""
+        compute_params = self.policy.cast_to_compute(params)
+        n = len(data)
+        out = []
+        for start in range(0, n, _EVAL_BATCH):
+            rows = np.arange(start, start + _EVAL_BATCH) % n  # the last batch wraps around: one fixed shape
+            b = data.take(rows)
+            lp = self._score(compute_params, b["tokens"], b["attention_mask"], b["response_mask"])
+            out.append(np.asarray(lp)[: min(_EVAL_BATCH, n - start)])
+        return np.concatenate(out, axis=0)
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out DPO loss and diagnostics (`eval/loss`, `eval/accuracy`, `eval/margin`, ...)."""
+        logp = self.score(self.state.params, self.eval_data)
+        loss, diag = dpo_loss(self.loss_cfg, logp[:, 0], logp[:, 1], self.ref_eval[:, 0], self.ref_eval[:, 1])
+        return {"eval/loss": float(loss), **{f"eval/{k}": float(v) for k, v in diag.items()}}
+
+    # ----- one step -----
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One optimizer step on the pairs of `step`; returns its metrics."""
+        d = self.run_cfg.dpo
+        t0 = time.perf_counter()
+        rows = batch_rows(len(self.train_data), d.batch_size, step, d.seed)
+        poison = float(int(self.state.step) in self.run_cfg.debug.inject_overflow_steps)
+        batch = {**self.train_data.take(rows), "ref_logps": self.ref_train[rows],
+                 "poison": np.full((len(rows),), poison, np.float32)}
+        self.state, metrics = self.step_fn(self.state, batch)
+        metrics = jax.device_get(metrics)
+        return {
+            "step": step + 1,
+            "loss": float(metrics["loss"]),
+            **{k: float(metrics[k]) for k in DPO_DIAG_NAMES},
+            "grad_norm": float(metrics["grad_norm"]),
+            "loss_scale": float(jax.device_get(self.state.loss_scale.loss_scale)),
+            "skipped": int(metrics["skipped"]),
+            "skipped_steps": int(self.state.skipped_steps),
+            "time/step": time.perf_counter() - t0,
+        }
+
+    # ----- the loop -----
+
+    def run(self, steps: int | None = None) -> dict[str, Any]:
+        """Trains to `steps` (default `dpo.steps`); returns a summary (also written to `summary.json`)."""
+        from tqdm.auto import tqdm
+
+        run = self.run_cfg
+        total = run.dpo.steps if steps is None else steps
+        metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        truncate_metrics(metrics_path, self.start_step)
+        writer = None
+        if run.log.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            writer = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=self.start_step)
+        t_start = time.perf_counter()
+        first_eval = last_eval = None
+        if self.start_step == 0:
+            first_eval = last_eval = self.evaluate()
+            self._log(metrics_path, writer, {"step": 0, **first_eval})
+        elif os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                first_eval = next(({k: v for k, v in m.items() if k != "step"} for m in map(json.loads, f)
+                                   if m["step"] == 0), None)
+        bar = tqdm(range(self.start_step, total), initial=self.start_step, total=total,
+                   desc=f"DPO {run.precision}", disable=not run.log.progress)
+        try:
+            for step in bar:
+                m = self.train_step(step)
+                done = step + 1
+                if done % run.dpo.eval_every == 0 or done == total:
+                    last_eval = self.evaluate()
+                    m.update(last_eval)
+                self._log(metrics_path, writer, m)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}", skip=m["skipped_steps"])
+                if done % run.checkpoint.every == 0 or done == total:
+                    self.save(done)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        hf_dir = os.path.join(self.run_dir, "hf")
+        if run.checkpoint.export_hf and (total > self.start_step or not os.path.isdir(hf_dir)):
+            self.export(hf_dir)
+        summary = {"precision": run.precision, "steps": int(self.state.step),
+                   "skipped_steps": int(self.state.skipped_steps),
+                   "loss_scale": float(jax.device_get(self.state.loss_scale.loss_scale)),
+                   "time/total": time.perf_counter() - t_start, "start": first_eval,
+                   "end": last_eval if last_eval is not None else self.evaluate()}
+        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        return summary
+
+    @staticmethod
+    def _log(path: str, writer: Any, m: dict[str, Any]) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(m) + "\n")
+        if writer is not None:
+            for key, value in m.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    writer.add_scalar(key, value, m["step"])
+
+    def save(self, step: int) -> None:
+        # `iteration` too, so that `jaxrl-fp16 export` reads DPO runs as it reads RL runs.
+        meta = {"step": step, "iteration": step, "seed": self.run_cfg.dpo.seed,
+                "base_model": os.path.realpath(self.base_dir)}
+        self.checkpointer.save(step, self.state, meta)
+
+    def export(self, out_dir: str, dtype: str | None = None) -> None:
+        save_hf_params(jax.device_get(self.state.params), self.model_cfg, out_dir,
+                       dtype=dtype or self.run_cfg.checkpoint.export_dtype, tokenizer_from=self.base_dir)
+
+    def close(self) -> None:
+        self.checkpointer.close()
