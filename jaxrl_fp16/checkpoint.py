@@ -34,6 +34,15 @@ def _remove_partial_deletions(directory: str) -> None:
             shutil.rmtree(path)
 
 
+def _restore_target(x: Any) -> Any:
+    """What orbax restores a leaf as: shape, dtype and, for a JAX array, its sharding."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return ocp.utils.to_shape_dtype_struct(x)
+
+
 class Checkpointer:
     """Keeps the last `keep` checkpoints of a run under `directory` (one sub-folder per iteration)."""
 
@@ -57,11 +66,15 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def restore(self, like: Any, iteration: int | None = None) -> tuple[Any, dict[str, Any]]:
-        """Restores checkpoint `iteration` (default: the latest) into the structure and dtypes of `like`."""
+        """Restores checkpoint `iteration` (default: the latest) into the structure, dtypes and shardings of `like`.
+
+        `like` holds arrays (each restored array gets that array's sharding) or `jax.ShapeDtypeStruct`s with
+        shardings: a checkpoint saved on one device mesh restores onto another, each device reading its shards.
+        """
         iteration = self.latest() if iteration is None else iteration
         if iteration is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+        abstract = jax.tree_util.tree_map(_restore_target, like)
         out = self._manager.restore(iteration, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                        meta=ocp.args.JsonRestore()))
         return out["state"], dict(out["meta"])

@@ -45,10 +45,11 @@ import numpy as np
 
 from jaxrl_fp16 import torch_bridge
 from jaxrl_fp16.models.config import ModelConfig
-from jaxrl_fp16.models.hf import HF_TABLE, expected_params_shapes, hf_state_dict, save_hf_params
+from jaxrl_fp16.models.hf import HF_TABLE, expected_params_shapes, save_hf_params
 from jaxrl_fp16.precision import as_dtype, dtype_name
 from jaxrl_fp16.sampling.base import (FINISH_LENGTH, FINISH_STOP, Rollout, SamplingSettings, check_dtypes_agree,
                                       validate_prompts)
+from jaxrl_fp16.sharding import host_streamed, stream_hf_weights
 
 __all__ = ["VLLMSampler", "torch_weights", "row_seed"]
 
@@ -116,14 +117,16 @@ def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: 
       cfg: its model config.
       dtype: the engine dtype (casts round to nearest even).
       via_dlpack: cast and transpose in JAX and hand the result to torch with DLPack (the tensors stay on the
-        arrays' device); otherwise go through numpy on the host (`hf_state_dict`).
+        arrays' device); otherwise go through numpy on the host (`sharding.stream_hf_weights`: one tensor, one
+        layer's slice of the stacked arrays, gathered from the devices' shards at a time, so params sharded
+        over many devices are never unsharded on any device).
 
     Returns:
       An iterator in checkpoint order. The tree and its shapes are checked here, before it is returned: an
       error in the middle of a weight push would leave the engine half loaded.
     """
     dt = as_dtype(dtype)
-    arrays = hf_state_dict(params, cfg, dt)  # checks now, converts lazily
+    arrays = stream_hf_weights(params, cfg, dt)  # checks now, gathers and converts lazily
     if via_dlpack:
         arrays.close()
         return _dlpack_weights(params, cfg, dt)
@@ -131,8 +134,10 @@ def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: 
 
 
 def _params_on_accelerator(params: Mapping) -> bool:
+    """Every leaf is a JAX array on one accelerator device (DLPack takes single-device arrays; params sharded
+    over several devices go through the host, a layer at a time)."""
     leaves = jax.tree_util.tree_leaves(params)
-    return bool(leaves) and all(isinstance(x, jax.Array) and
+    return bool(leaves) and all(isinstance(x, jax.Array) and len(x.devices()) == 1 and
                                 all(d.platform != "cpu" for d in x.devices()) for x in leaves)
 
 
@@ -280,7 +285,7 @@ class VLLMSampler:
             llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
         else:
             with tempfile.TemporaryDirectory(prefix="vllm-push-") as tmp:
-                folder = save_hf_params(params, self.cfg, os.path.join(tmp, "weights"),
+                folder = save_hf_params(host_streamed(params), self.cfg, os.path.join(tmp, "weights"),
                                         dtype=_VLLM_DTYPES[dtype_name(self.compute_dtype)])
                 llm.collective_rpc("reload_weights", kwargs={"weights_path": folder, "is_checkpoint_format": True})
         if repack_head:

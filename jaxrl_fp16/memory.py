@@ -1,0 +1,108 @@
+"""A per-device memory estimate of training under a mesh, checked against the devices' memory before any work.
+
+    params        FP32 master parameters on this device            4 B x P_dev
+    optimizer     Adam's mu and nu (FP32)                          4 B x slots x P_dev
+    gradients     FP32                                             4 B x P_dev
+    compute copy  the parameters cast to the compute dtype         c B x P_dev (none when c = 4)
+    activations   per micro-batch (rough), rows r = micro-batch rows / (data x fsdp), tokens n = r x T:
+                  L x [n x c x (6H + 2Q + 2K + 3I) + r x Nq x T^2 x 8] / tensor      (layer outputs, attention
+                  scores and probabilities in FP32) + r x min(chunk, T) x V x 12 / tensor   (one FP32 logits
+                  chunk: logits, log-softmax and its gradient)
+
+P_dev is the number of parameter elements a device holds under the sharding rules (`sharding.param_specs`).
+The activation term is an order-of-magnitude guide (XLA fuses and rematerialises), not a bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from jaxrl_fp16.models.config import ModelConfig
+
+__all__ = ["MemoryEstimate", "DoesNotFitError", "estimate_memory", "check_fits", "device_bytes_limit",
+           "format_bytes"]
+
+_GIB = 1024 ** 3
+
+
+class DoesNotFitError(ValueError):
+    """The estimated per-device memory exceeds what the devices have."""
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / _GIB:.2f} GiB" if n >= _GIB / 100 else f"{n / 1024 ** 2:.2f} MiB"
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per device, by kind (see the module docstring for the formulas)."""
+
+    params: int
+    optimizer: int
+    gradients: int
+    compute_params: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.optimizer + self.gradients + self.compute_params + self.activations
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{f.name} {format_bytes(getattr(self, f.name))}" for f in dataclasses.fields(self))
+        return f"{format_bytes(self.total)} per device ({parts})"
+
+
+def estimate_memory(cfg: ModelConfig, sizes: Mapping[str, int], *, compute_bytes: int, microbatch_rows: int,
+                    seq_len: int, params_per_device: int | None = None, optimizer_slots: int = 2,
+                    chunk_size: int = 256) -> MemoryEstimate:
+    """The per-device estimate of one training step.
+
+    Args:
+      cfg: the model.
+      sizes: mesh axis sizes {"data", "fsdp", "tensor"} (missing axes count as 1).
+      compute_bytes: bytes per element of the compute dtype (2 for float16/bfloat16, 4 for float32).
+      microbatch_rows: rows of one micro-batch (all devices together).
+      seq_len: tokens per row.
+      params_per_device: parameter elements one device holds; default: all parameters / (fsdp x tensor).
+      optimizer_slots: FP32 arrays of optimizer state per parameter (Adam: 2).
+      chunk_size: positions per log-softmax chunk (`token_logprobs`).
+    """
+    data, fsdp, tensor = (int(sizes.get(k, 1)) for k in ("data", "fsdp", "tensor"))
+    if min(data, fsdp, tensor, compute_bytes, microbatch_rows, seq_len) < 1 or optimizer_slots < 0:
+        raise ValueError(f"estimate_memory: sizes {dict(sizes)}, compute_bytes={compute_bytes}, "
+                         f"microbatch_rows={microbatch_rows}, seq_len={seq_len} must all be >= 1")
+    p = params_per_device if params_per_device is not None else math.ceil(cfg.num_params() / (fsdp * tensor))
+    rows = math.ceil(microbatch_rows / (data * fsdp))
+    tokens = rows * seq_len
+    H, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
+    Q, K = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    per_layer = tokens * compute_bytes * (6 * H + 2 * Q + 2 * K + 3 * I) + rows * cfg.num_heads * seq_len ** 2 * 8
+    logits = rows * min(chunk_size, seq_len) * V * 12
+    return MemoryEstimate(params=4 * p, optimizer=4 * optimizer_slots * p, gradients=4 * p,
+                          compute_params=0 if compute_bytes == 4 else compute_bytes * p,
+                          activations=(L * per_layer + logits) // tensor)
+
+
+def check_fits(estimate: MemoryEstimate, bytes_limit: int | None) -> None:
+    """Raises DoesNotFitError naming the numbers when the estimate exceeds `bytes_limit` (None: no limit known)."""
+    if bytes_limit is None or estimate.total <= bytes_limit:
+        return
+    raise DoesNotFitError(f"training needs about {estimate.describe()}, more than the {format_bytes(bytes_limit)} "
+                          f"a device has: shard further (mesh.fsdp, mesh.tensor), or use more micro-batches "
+                          f"(train.microbatches)")
+
+
+def device_bytes_limit(devices: Any) -> int | None:
+    """The smallest `memory_stats()["bytes_limit"]` of `devices`; None where no device reports one (CPU)."""
+    limits = []
+    for device in devices:
+        try:
+            stats = device.memory_stats()
+        except Exception:  # some backends do not implement memory_stats
+            stats = None
+        if stats and "bytes_limit" in stats:
+            limits.append(int(stats["bytes_limit"]))
+    return min(limits) if limits else None
