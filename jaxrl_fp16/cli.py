@@ -147,6 +147,11 @@ def _train(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides.append(f"train.iterations={args.steps}")
     run = load_config(args.config, overrides)
+    if run.distributed.enabled:  # several processes: before any JAX computation
+        from jaxrl_fp16.sharding import initialize_distributed
+
+        d = run.distributed
+        initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
     run_dir = args.run_dir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     trainer = Trainer(run, run_dir, resume=args.resume)
     try:
@@ -160,6 +165,35 @@ def _train(args: argparse.Namespace) -> int:
         print(f"iteration {last['step']}: accuracy {last['reward/accuracy']:.3f}, "
               f"mismatch kl_k3 {last['mismatch/kl_k3']:.2e}, skipped steps {last['skipped_steps']}; "
               f"run directory {run_dir}")
+    return 0
+
+
+def _dpo(args: argparse.Namespace) -> int:
+    from jaxrl_fp16.config import load_config
+    from jaxrl_fp16.rl.dpo_trainer import DPOTrainer
+
+    config, overrides = args.config, list(args.overrides)
+    if args.config_option is not None:
+        if config is not None and "=" not in config:
+            raise ValueError(f"two configs given ({config} and --config {args.config_option}); give one")
+        if config is not None:  # with --config, the first positional word is an override
+            overrides.insert(0, config)
+        config = args.config_option
+    if config is None:
+        raise ValueError("give a run config: jaxrl-fp16 dpo CONFIG (or --config CONFIG)")
+    if args.steps is not None:
+        overrides.append(f"dpo.steps={args.steps}")
+    run = load_config(config, overrides)
+    run_dir = args.run_dir or os.path.join("runs", "dpo_" + os.path.splitext(os.path.basename(config))[0])
+    trainer = DPOTrainer(run, run_dir, resume=args.resume)
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    start, end = summary["start"], summary["end"]
+    first = f"{start['eval/accuracy']:.3f} -> " if start else ""
+    print(f"step {summary['steps']}: held-out preference accuracy {first}{end['eval/accuracy']:.3f}, "
+          f"margin {end['eval/margin']:.3f}, skipped steps {summary['skipped_steps']}; run directory {run_dir}")
     return 0
 
 
@@ -222,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mismatch", help="offline sampler-vs-trainer mismatch analysis (the paper's)")
     p.add_argument("--model", required=True, help="Hugging Face model directory")
-    p.add_argument("--sampler", default="jax", help="jax (built in) or vllm")
+    p.add_argument("--sampler", default="jax", help="jax (built in), vllm or transformers")
     p.add_argument("--dtype", required=True,
                    help="sampler dtype: float16|bfloat16|float32, or a comma list to compare in one call")
     p.add_argument("--trainer-dtype", default=None, help="trainer compute dtype (default: the sampler's)")
@@ -270,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sanity", help="the paper's sanity experiment in miniature: FP16 vs BF16 RL, with a report")
     p.add_argument("--quick", action="store_true", help="GRPO in FP16 and BF16 only (minutes on 2 CPU cores); "
                    "without it: FP32 plus every algorithm in both precisions (about an hour)")
-    p.add_argument("--sampler", default="jax", choices=("jax", "vllm"))
+    p.add_argument("--sampler", default="jax", choices=("jax", "vllm", "transformers"))
     p.add_argument("--out", default="runs/sanity", help="output directory (report.md, plots, one folder per arm)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every arm")
@@ -284,6 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     p.add_argument("--export", default=None, metavar="DIR", help="also export the final policy to DIR (HF)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("dpo", help="offline preference optimisation (DPO) from a YAML run config")
+    p.add_argument("config", nargs="?", default=None, help="YAML run config (see configs/dpo/)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. dpo.beta=0.5")
+    p.add_argument("--config", dest="config_option", default=None, metavar="CONFIG",
+                   help="the run config, as an option")
+    p.add_argument("--run-dir", default=None, help="run directory (default runs/dpo_<config name>)")
+    p.add_argument("--steps", type=int, default=None, help="number of optimizer steps (dpo.steps)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.set_defaults(func=_dpo)
 
     p = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face directory")
     p.add_argument("run_dir", help="a run directory (with config.yaml and checkpoints/)")

@@ -16,10 +16,12 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from jaxrl_fp16.models.config import Numerics
 from jaxrl_fp16.precision import get_policy
 from jaxrl_fp16.rl.losses import LossConfig
+from jaxrl_fp16.rl.ppo import CriticConfig
 
 __all__ = ["RunConfig", "TinyModelConfig", "ModelSection", "TaskSection", "PerfectibleSection", "SamplerSection",
            "OptimSection", "LossScaleSection", "TrainSection", "SFTSection", "CheckpointSection", "LogSection",
-           "DebugSection", "load_config", "to_yaml", "ConfigError"]
+           "DebugSection", "DPOSection", "LoRASection", "MeshSection", "DistributedSection",
+           "load_config", "to_yaml", "ConfigError"]
 
 
 class ConfigError(ValueError):
@@ -136,6 +138,7 @@ class SamplerSection:
     allow_dtype_mismatch: bool = False
     dtype: Optional[str] = None  # only with allow_dtype_mismatch: a sampler dtype other than the trainer's
     max_batch_size: int = 256
+    tensor_parallel_size: int = 1  # vllm: GPUs per engine (tensor parallelism inside vLLM)
 
     def __post_init__(self):
         from jaxrl_fp16.sampling import SAMPLERS
@@ -146,7 +149,11 @@ class SamplerSection:
             raise ConfigError(f"sampler.temperature must be > 0 for RL (sampling), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"sampler.top_p must be in (0, 1], got {self.top_p}")
-        _positive("sampler", max_new_tokens=self.max_new_tokens, max_batch_size=self.max_batch_size)
+        _positive("sampler", max_new_tokens=self.max_new_tokens, max_batch_size=self.max_batch_size,
+                  tensor_parallel_size=self.tensor_parallel_size)
+        if self.tensor_parallel_size != 1 and self.name != "vllm":
+            raise ConfigError(f"sampler.tensor_parallel_size={self.tensor_parallel_size} needs sampler.name=vllm "
+                              f"(got {self.name!r})")
         if self.dtype is not None:
             _check_policy("sampler.dtype", self.dtype)
 
@@ -237,8 +244,118 @@ class LogSection:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshSection:
+    """The device mesh the trainer shards over (`jaxrl_fp16.sharding`): data x fsdp x tensor devices, all of
+    them (over all processes) together. One size may be -1: the rest of the devices (default: all on data)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, size in sizes.items():
+            if size < 1 and size != -1:
+                raise ConfigError(f"mesh.{name}={size}: a mesh size is an integer >= 1, or -1 for the rest")
+        rest = [f"mesh.{name}" for name, size in sizes.items() if size == -1]
+        if len(rest) > 1:
+            raise ConfigError(f"{' and '.join(rest)} are both -1; at most one mesh size may be the rest")
+
+    def shape(self, num_devices: int) -> dict[str, int]:
+        """The axis sizes for `num_devices` devices; a ConfigError names the keys when they do not fit."""
+        from jaxrl_fp16.sharding import resolve_mesh_shape
+
+        try:
+            return resolve_mesh_shape(num_devices, self.data, self.fsdp, self.tensor)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DistributedSection:
+    """Several processes (hosts) in one run: JAX's distributed runtime, started before any JAX computation.
+    Unset keys come from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, else from JAX's cluster
+    detection (SLURM, Open MPI, Kubernetes, Cloud TPU)."""
+
+    enabled: bool = False
+    coordinator_address: Optional[str] = None  # "host:port" of process 0
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+    def __post_init__(self):
+        given = [k for k in ("coordinator_address", "num_processes", "process_id") if getattr(self, k) is not None]
+        if given and not self.enabled:
+            raise ConfigError(f"distributed.{given[0]} is set but distributed.enabled=false; set "
+                              f"distributed.enabled=true to start several processes")
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ConfigError(f"distributed.num_processes must be >= 1, got {self.num_processes}")
+        if self.process_id is not None and (self.process_id < 0 or (
+                self.num_processes is not None and self.process_id >= self.num_processes)):
+            raise ConfigError(f"distributed.process_id={self.process_id} must be in [0, num_processes="
+                              f"{self.num_processes})")
+        address = self.coordinator_address
+        if address is not None and not address.rpartition(":")[2].isdigit():
+            raise ConfigError(f"distributed.coordinator_address={address!r} must be host:port")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DebugSection:
     inject_overflow_steps: list[int] = dataclasses.field(default_factory=list)  # optimizer steps made non-finite
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPOSection:
+    """Offline preference optimisation (`jaxrl-fp16 dpo`) on pairs made from the task's problems (the correct
+    answer against a near miss); the frozen reference is the base model. `precision`, `optim`, `loss_scale` and
+    `checkpoint` (its `every` counts optimizer steps) are shared with RL training."""
+
+    loss_type: str = "sigmoid"  # sigmoid (DPO, cDPO with label_smoothing) or ipo
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    num_pairs: int = 2048  # training pairs; the data cycles through per-epoch permutations
+    eval_pairs: int = 256  # held-out pairs (prompts never trained on)
+    steps: int = 200  # optimizer steps
+    batch_size: int = 32  # pairs per optimizer step
+    microbatches: int = 1  # gradient accumulation inside each step
+    eval_every: int = 20  # steps between held-out evaluations (also at the start and the end)
+    seed: int = 0  # pair generation and data order
+
+    def __post_init__(self):
+        _positive("dpo", num_pairs=self.num_pairs, eval_pairs=self.eval_pairs, steps=self.steps,
+                  batch_size=self.batch_size, microbatches=self.microbatches, eval_every=self.eval_every)
+        if self.batch_size % self.microbatches:
+            raise ConfigError(f"dpo.batch_size={self.batch_size} does not split into "
+                              f"dpo.microbatches={self.microbatches}")
+        try:
+            self.loss_config()
+        except ValueError as e:
+            raise ConfigError(f"dpo.{e}") from None
+
+    def loss_config(self):
+        """The `DPOLossConfig` of this section."""
+        from jaxrl_fp16.rl.dpo import DPOLossConfig
+
+        return DPOLossConfig(loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRASection:
+    """Low-rank adapters (`jaxrl_fp16.lora`): only the adapters train (FP32 masters), the base stays frozen in the
+    compute dtype; targets are Hugging Face module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+    down_proj). The run config's `lora: null` (the default) trains every parameter."""
+
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self):
+        self.spec()  # validates rank, alpha and the target names
+
+    def spec(self):
+        """The `lora.LoRASpec` of this section."""
+        from jaxrl_fp16.lora import LoRASpec
+
+        return LoRASpec(rank=self.rank, alpha=self.alpha, targets=tuple(self.targets))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -250,15 +367,23 @@ class RunConfig:
     perfectible: PerfectibleSection = dataclasses.field(default_factory=PerfectibleSection)
     sampler: SamplerSection = dataclasses.field(default_factory=SamplerSection)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    critic: CriticConfig = dataclasses.field(default_factory=CriticConfig)  # PPO's value model and GAE
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     loss_scale: LossScaleSection = dataclasses.field(default_factory=LossScaleSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     log: LogSection = dataclasses.field(default_factory=LogSection)
     debug: DebugSection = dataclasses.field(default_factory=DebugSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
+    dpo: DPOSection = dataclasses.field(default_factory=DPOSection)
+    lora: Optional[LoRASection] = None  # adapters only; null: full fine-tuning
 
     def __post_init__(self):
         _check_policy("precision", self.precision)
+        if self.critic.enabled and self.loss.algorithm == "gspo":
+            raise ConfigError("critic.enabled=true gives per-token advantages, but loss.algorithm=gspo takes one "
+                              "per sequence; use a token-level loss (grpo is PPO-clip)")
 
     @property
     def policy(self):
@@ -283,7 +408,11 @@ def _section_keys(schema, dotted: str) -> list[str]:
     for part in [p for p in dotted.split(".") if p]:
         if part not in node:
             return sorted(str(k) for k in node.keys())
-        node = node[part]
+        child = node[part]
+        if child is None and dataclasses.is_dataclass(node._get_node(part)._metadata.ref_type):
+            # An optional section left null (e.g. `lora`): its keys are its dataclass's fields.
+            child = OmegaConf.structured(node._get_node(part)._metadata.ref_type)
+        node = child
     return sorted(str(k) for k in node.keys()) if OmegaConf.is_dict(node) else []
 
 

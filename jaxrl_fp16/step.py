@@ -1,8 +1,8 @@
 """The one mixed-precision update step: every trainer in this project changes parameters through it.
 
-    step(state, batch):
+    step(state, batch, frozen=None):
         for each micro-batch m (lax.scan):
-            loss_m, aux_m, g_m = value_and_grad(S * loss_fn(cast_to_compute(params_f32), batch_m))
+            loss_m, aux_m, g_m = value_and_grad(S * loss_fn(cast_to_compute(params_f32), batch_m[, frozen]))
         g = unscale(mean_m g_m)                      # FP32, divided by S
         finite = all_finite(g); g = finite ? g : 0   # no NaN reaches the optimizer (lax.cond)
         norm = global_norm(g); g = clip(g, max_grad_norm)
@@ -27,7 +27,7 @@ from jaxrl_fp16.precision import Policy, get_policy
 
 __all__ = ["TrainState", "make_train_step"]
 
-LossFn = Callable[[Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 _STEP_METRICS = ("loss", "grad_norm", "loss_scale", "skipped", "grads_finite")
 
 
@@ -68,18 +68,26 @@ def _check_param_dtypes(params: Any, policy: Policy) -> None:
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, policy: Policy | str, *,
                     max_grad_norm: float | None = 1.0, num_microbatches: int = 1,
-                    donate: bool = False) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
-    """Builds the jitted update step `step_fn(state, batch) -> (new_state, metrics)`.
+                    donate: bool = False, state_sharding: Any = None, batch_sharding: Any = None
+                    ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds the jitted update step `step_fn(state, batch, frozen=None) -> (new_state, metrics)`.
 
     Args:
       loss_fn: `loss_fn(compute_params, batch) -> (loss, aux)`; `compute_params` are already cast to the
         policy's compute dtype; `loss` is a scalar (computed in FP32 by convention), `aux` a dict of arrays.
+        When the step is called with `frozen`, it is `loss_fn(compute_params, batch, frozen)`: `frozen` (e.g.
+        a frozen base model under adapters) is cast to the compute dtype, passed whole to every micro-batch
+        and never differentiated; it is an argument of the jitted step, not a constant baked into it.
       optimizer: an optax transformation, applied to the unscaled, clipped FP32 gradients.
       policy: a `Policy` or a policy string ("fp16-mixed", "p=f32,c=f16,o=f32", ...).
       max_grad_norm: clip the global gradient norm to this (optax.clip_by_global_norm); None disables.
       num_microbatches: split every batch leaf's leading axis into this many micro-batches and average the
         losses, gradients and aux values over them (gradient accumulation with `lax.scan`).
       donate: donate the input state's buffers to the output state.
+      state_sharding: shardings of the state (a `TrainState` of shardings, e.g. `sharding.state_shardings`):
+        the step takes and returns the state sharded so. None: as the arguments come (one device).
+      batch_sharding: shardings of the batch (a sharding or a tree of them, e.g. `sharding.batch_sharding`).
+        Both only set `jax.jit`'s in/out shardings; the computation is the same on one device or many.
 
     Returns:
       The jitted step. Metrics are scalars: `loss` (unscaled), `grad_norm` (unscaled, before clipping; 0 on a
@@ -92,11 +100,12 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, po
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
 
-    def scaled_grads(params, loss_scale, batch):
+    def scaled_grads(params, loss_scale, batch, frozen=None):
         """(loss, aux, scaled gradients) of one micro-batch; gradients w.r.t. the FP32 params."""
+        extra = () if frozen is None else (policy.cast_to_compute(frozen),)
 
         def scaled_loss(p):
-            loss, aux = loss_fn(policy.cast_to_compute(p), batch)
+            loss, aux = loss_fn(policy.cast_to_compute(p), batch, *extra)
             loss = jnp.asarray(loss).astype(jnp.float32)
             aux = jax.tree_util.tree_map(lambda x: jnp.asarray(x).astype(jnp.float32), dict(aux))
             return loss_scale.scale(loss), (loss, aux)
@@ -104,10 +113,10 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, po
         (_, (loss, aux)), grads = jax.value_and_grad(scaled_loss, has_aux=True)(params)
         return loss, aux, grads
 
-    def accumulated_grads(params, loss_scale, batch):
+    def accumulated_grads(params, loss_scale, batch, frozen=None):
         """Mean (loss, aux, scaled gradients) over `num_microbatches` micro-batches."""
         if num_microbatches == 1:
-            return scaled_grads(params, loss_scale, batch)
+            return scaled_grads(params, loss_scale, batch, frozen)
         m = num_microbatches
 
         def split(x):
@@ -119,16 +128,18 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, po
         micro = jax.tree_util.tree_map(lambda x: split(jnp.asarray(x)), batch)
 
         def body(total, microbatch):
-            return jax.tree_util.tree_map(jnp.add, total, scaled_grads(params, loss_scale, microbatch)), None
+            grads_m = scaled_grads(params, loss_scale, microbatch, frozen)
+            return jax.tree_util.tree_map(jnp.add, total, grads_m), None
 
-        shapes = jax.eval_shape(scaled_grads, params, loss_scale, jax.tree_util.tree_map(lambda x: x[0], micro))
+        shapes = jax.eval_shape(scaled_grads, params, loss_scale, jax.tree_util.tree_map(lambda x: x[0], micro),
+                                frozen)
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         total, _ = jax.lax.scan(body, zeros, micro)
         return jax.tree_util.tree_map(lambda x: x / m, total)
 
-    def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+    def train_step(state: TrainState, batch: Any, frozen: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
         _check_param_dtypes(state.params, policy)
-        loss, aux, grads = accumulated_grads(state.params, state.loss_scale, batch)
+        loss, aux, grads = accumulated_grads(state.params, state.loss_scale, batch, frozen)
         clash = set(aux) & set(_STEP_METRICS)
         if clash:
             raise ValueError(f"loss_fn aux keys {sorted(clash)} clash with the step's metrics")
@@ -159,4 +170,13 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, po
         }
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=(0,) if donate else ())
+    donate_argnums = (0,) if donate else ()
+    if state_sharding is None and batch_sharding is None:
+        return jax.jit(train_step, donate_argnums=donate_argnums)
+    sharded = jax.jit(train_step, donate_argnums=donate_argnums,
+                      in_shardings=(state_sharding, batch_sharding, None), out_shardings=(state_sharding, None))
+
+    def sharded_step(state: TrainState, batch: Any, frozen: Any = None):
+        return sharded(state, batch, frozen)  # in_shardings name every positional argument: pass all three
+
+    return sharded_step

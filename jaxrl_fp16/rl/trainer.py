@@ -3,7 +3,7 @@
     for each iteration:
         prompts   <- the next slice of the prompt set (deterministic in seed and iteration)
         rollout   <- sampler.generate(prompts)                 tokens + log mu (sampler dtype)
-        rewards   <- task.reward(...); A <- group advantages
+        rewards   <- task.reward(...); A <- group advantages (PPO: critic V_old, per-token GAE; rl/ppo.py)
         log pi    <- trainer forward on the same tokens and weights (trainer compute dtype)
         metrics   <- mismatch(log mu, log pi)
         K times:  state <- step(state, minibatch)              loss scaling, skip on overflow
@@ -28,12 +28,16 @@ import numpy as np
 import optax
 
 from jaxrl_fp16 import mismatch
+from jaxrl_fp16 import sharding
 from jaxrl_fp16.checkpoint import Checkpointer
-from jaxrl_fp16.config import RunConfig, to_yaml
+from jaxrl_fp16.config import ConfigError, RunConfig, to_yaml
+from jaxrl_fp16.lora import LoRA
 from jaxrl_fp16.loss_scale import DynamicLossScale, NoOpLossScale, StaticLossScale
+from jaxrl_fp16.memory import check_fits, device_bytes_limit, estimate_memory
 from jaxrl_fp16.models.config import Numerics
 from jaxrl_fp16.models.decoder import CausalLM, token_logprobs
 from jaxrl_fp16.models.hf import load_hf_params, save_hf_params
+from jaxrl_fp16.rl import ppo
 from jaxrl_fp16.rl.advantages import group_advantages
 from jaxrl_fp16.rl.losses import LossInputs, compute_loss
 from jaxrl_fp16.rl.prompts import build_prompt_set, rollout_rewards
@@ -43,7 +47,7 @@ from jaxrl_fp16.sampling import create_sampler
 from jaxrl_fp16.scoring import Scorer
 from jaxrl_fp16.step import TrainState, make_train_step
 
-__all__ = ["Trainer", "export_checkpoint", "make_loss_scale", "make_optimizer", "prompt_indices"]
+__all__ = ["Trainer", "export_checkpoint", "make_loss_scale", "make_optimizer", "prompt_indices", "truncate_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +68,54 @@ def make_loss_scale(run: RunConfig):
 def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
     o = run.optim
     lr = o.lr if o.warmup_steps == 0 else optax.linear_schedule(0.0, o.lr, o.warmup_steps)
-    return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    if run.critic.enabled:  # PPO: one transformation over {"policy", "critic"}, each group clipped on its own
+        return ppo.make_optimizer(optimizer, run.critic, o.max_grad_norm)
+    return optimizer
+
+
+def _trainable(run: RunConfig, params: Any, lora: LoRA | None = None) -> Any:
+    """The tree the step trains: the policy's params, or for PPO {"policy": ..., "critic": ...}; with LoRA the
+    policy's part is its adapters."""
+    tree = ppo.init_params(params) if run.critic.enabled else params
+    return tree if lora is None else lora.trainable(tree)
+
+
+def _policy_params(run: RunConfig, params: Any) -> Any:
+    """The policy's (Hugging Face-shaped) params within the trained tree: what is sampled and exported."""
+    return ppo.policy_params(params) if run.critic.enabled else params
+
+
+def _exported_policy(run: RunConfig, trainable: Any, lora: LoRA | None, base: Any) -> Any:
+    """The policy's FP32 weights for export, on the host; LoRA: the FP32 adapters merged into the FP32 base."""
+    params = _policy_params(run, trainable)
+    return jax.device_get(params if lora is None else lora.export_params(params, base))
+
+
+def make_run_mesh(run: RunConfig):
+    """The run's device mesh (`mesh.*` over all devices); a ConfigError names the keys when the devices or a
+    mini-batch's rows do not split over it."""
+    mesh = sharding.make_mesh(**run.mesh.shape(jax.device_count()))
+    t = run.train
+    rows = t.prompts_per_iteration * t.samples_per_prompt // t.minibatches_per_iteration
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows % split:
+        raise ConfigError(f"a mini-batch of {rows} rows (train.prompts_per_iteration x train.samples_per_prompt / "
+                          f"train.minibatches_per_iteration) does not split over mesh.data x mesh.fsdp = {split} "
+                          f"devices")
+    return mesh
+
+
+def _memory_estimate(run: RunConfig, model_cfg, params: Any, mesh, compute, seq_len: int):
+    """The per-device estimate of training `params` (the trained tree) on `mesh`, logged and checked."""
+    sizes = sharding.axis_sizes(mesh)
+    rows = run.train.prompts_per_iteration * run.train.samples_per_prompt // run.train.minibatches_per_iteration
+    estimate = estimate_memory(model_cfg, sizes, compute_bytes=np.dtype(compute).itemsize,
+                               microbatch_rows=rows // run.train.microbatches, seq_len=seq_len,
+                               params_per_device=sharding.elements_per_device(params, sizes))
+    log.info("mesh %s; training memory estimate: %s", dict(sizes), estimate.describe())
+    check_fits(estimate, device_bytes_limit(mesh.devices.flat))
+    return estimate
 
 
 def prompt_indices(num_prompts: int, per_iteration: int, iteration: int, seed: int) -> np.ndarray:
@@ -96,6 +147,7 @@ class Trainer:
         if not resume and os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
             raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
                                   f"or choose another --run-dir")
+        self.mesh = make_run_mesh(run)
 
         self.base_dir = ensure_base_model(run, progress=self.progress)
         self.model_cfg, params = load_hf_params(self.base_dir)
@@ -110,7 +162,9 @@ class Trainer:
                                       dtype=sampler_dtype, trainer_dtype=compute,
                                       allow_dtype_mismatch=run.sampler.allow_dtype_mismatch, numerics=numerics,
                                       seed=run.seed, **({"max_batch_size": run.sampler.max_batch_size}
-                                                        if run.sampler.name == "jax" else {}))
+                                                        if run.sampler.name in ("jax", "transformers") else
+                                                        {"tensor_parallel_size": run.sampler.tensor_parallel_size}
+                                                        if run.sampler.name == "vllm" else {}))
         self.problems, self.prompt_stats = build_prompt_set(run, self.base_dir, self.model_cfg, params,
                                                             self.tokenizer, self.task, self.sampler)
         self.prompt_ids = [self.tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in self.problems]
@@ -124,18 +178,31 @@ class Trainer:
         self.model = CausalLM(self.model_cfg, dtype=compute, numerics=numerics)
         self.loss_cfg = run.loss
         self.optimizer = make_optimizer(run)
-        self.step_fn = make_train_step(self._loss_fn, self.optimizer, self.policy,
-                                       max_grad_norm=run.optim.max_grad_norm,
-                                       num_microbatches=run.train.microbatches)
-        self.state = TrainState.create(jax.tree_util.tree_map(jnp.asarray, params), self.optimizer,
-                                       make_loss_scale(run))
+        # LoRA: the step trains the adapters; the base rides along in the compute dtype as `frozen`.
+        self.lora = LoRA.for_run(run, self.model_cfg, params)
+        self.frozen = None if self.lora is None else self.lora.frozen
+        # Sharded from the start: params placed by the rules, then the state (Adam's moments follow the params).
+        placed = sharding.place(params, sharding.param_shardings(params, self.mesh))
+        self.state = TrainState.create(_trainable(run, placed, self.lora), self.optimizer, make_loss_scale(run))
+        self.state_sharding = sharding.state_shardings(self.state, self.mesh, self.optimizer)
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        self.state = sharding.place(self.state, self.state_sharding)
+        if self.frozen is not None:
+            self.frozen = sharding.place(self.frozen, sharding.param_shardings(self.frozen, self.mesh))
+        self.memory = _memory_estimate(run, self.model_cfg, self.state.params, self.mesh, compute, self.width)
+        self.step_fn = make_train_step(self._loss_fn if self.lora is None else self.lora.wrap_loss(self._loss_fn),
+                                       self.optimizer, self.policy,
+                                       max_grad_norm=None if run.critic.enabled else run.optim.max_grad_norm,
+                                       num_microbatches=run.train.microbatches,
+                                       state_sharding=self.state_sharding, batch_sharding=self.batch_sharding)
+        self.value_scorer = ppo.ValueScorer(self.model, self.policy) if run.critic.enabled else None
         os.makedirs(run_dir, exist_ok=True)
         self.checkpointer = Checkpointer(ckpt_dir, keep=run.checkpoint.keep)
         self.start_iteration = 0
         if resume and self.checkpointer.latest() is not None:
             self.state, meta = self.checkpointer.restore(self.state)
             self.start_iteration = int(meta["iteration"])
-            self.sampler.push_weights(self.state.params)
+            self.sampler.push_weights(self.policy_weights())
             log.info("resumed from iteration %d", self.start_iteration)
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(run))
@@ -143,11 +210,18 @@ class Trainer:
     # ----- the loss the jitted step differentiates -----
 
     def _loss_fn(self, compute_params: Any, batch: dict[str, jax.Array]):
-        logp = token_logprobs(self.model, compute_params, batch["tokens"], batch["attention_mask"],
-                              temperature=self.run_cfg.sampler.temperature)
+        logp = token_logprobs(self.model, _policy_params(self.run_cfg, compute_params), batch["tokens"],
+                              batch["attention_mask"], temperature=self.run_cfg.sampler.temperature)
+        adv = batch["advantages"]  # [B] (group advantages) or [B, T] (PPO's GAE)
         inputs = LossInputs(logp_BxT=logp, old_logp_BxT=batch["old_logp"], sampler_logp_BxT=batch["sampler_logp"],
-                            advantages_B=batch["advantages"], mask_BxT=batch["response_mask"])
+                            mask_BxT=batch["response_mask"],
+                            **({"advantages_BxT": adv} if adv.ndim == 2 else {"advantages_B": adv}))
         loss, diag = compute_loss(self.loss_cfg, inputs)
+        if self.run_cfg.critic.enabled:
+            value_term, value_diag = ppo.value_loss_term(self.model, compute_params["critic"], batch,
+                                                         self.run_cfg.critic, self.loss_cfg.aggregation,
+                                                         self.loss_cfg.max_response_len)
+            loss, diag = loss + value_term, {**diag, **value_diag}
         # Fault injection for tests and drills: a poisoned mini-batch makes every gradient non-finite.
         loss = loss * jnp.where(jnp.any(batch["poison"] > 0), jnp.inf, 1.0)
         return loss, diag
@@ -163,8 +237,8 @@ class Trainer:
         rollout = self.sampler.generate([self.prompt_ids[i] for i in idx], settings)
         t1 = time.perf_counter()
         rewards = rollout_rewards(self.task, problems, self.tokenizer, rollout)
-        advantages = np.asarray(group_advantages(jnp.asarray(rewards), run.train.samples_per_prompt,
-                                                 normalize_std=run.train.normalize_advantage_std))
+        advantages = None if run.critic.enabled else np.asarray(group_advantages(
+            jnp.asarray(rewards), run.train.samples_per_prompt, normalize_std=run.train.normalize_advantage_std))
         t2 = time.perf_counter()
 
         pad = self.model_cfg.pad_token_id or 0
@@ -172,8 +246,13 @@ class Trainer:
         attention_mask = _pad_left(rollout.attention_mask, self.width)
         response_mask = _pad_left(rollout.response_mask, self.width).astype(np.float32)
         sampler_logp = _pad_left(rollout.logprobs, self.width).astype(np.float32)
-        old_logp = self.scorer(self.state.params, tokens, attention_mask, run.sampler.temperature)
+        old_logp = self.scorer(self.policy_weights(), tokens, attention_mask, run.sampler.temperature)
         old_logp = np.where(response_mask > 0, old_logp, 0.0).astype(np.float32)
+        critic_batch, critic_metrics = {}, {}
+        if run.critic.enabled:  # V_old, then per-token GAE advantages and the value targets
+            advantages, critic_batch, critic_metrics = ppo.rollout_targets(
+                self.value_scorer, self.state.params["critic"], rewards, tokens, attention_mask, response_mask,
+                run.critic)
         mm = mismatch.summarize(mismatch.mismatch_metrics(sampler_logp, old_logp, response_mask))
         self.last_logprobs = {"sampler_logprobs": sampler_logp, "trainer_logprobs": old_logp,
                               "response_mask": response_mask.astype(np.int32)}
@@ -190,12 +269,14 @@ class Trainer:
             batch = {"tokens": tokens[rows], "attention_mask": attention_mask[rows],
                      "response_mask": response_mask[rows], "old_logp": old_logp[rows],
                      "sampler_logp": sampler_logp[rows], "advantages": advantages[rows].astype(np.float32),
-                     "poison": np.full((len(rows),), poison, np.float32)}
-            self.state, metrics = self.step_fn(self.state, batch)
+                     "poison": np.full((len(rows),), poison, np.float32),
+                     **{key: value[rows] for key, value in critic_batch.items()}}
+            batch = sharding.place(batch, self.batch_sharding)  # rows over ("data", "fsdp")
+            self.state, metrics = self.step_fn(self.state, batch, self.frozen)
             step_metrics.append(metrics)
         step_metrics = jax.device_get(step_metrics)
         t4 = time.perf_counter()
-        self.sampler.push_weights(self.state.params)
+        self.sampler.push_weights(self.policy_weights())
         t5 = time.perf_counter()
 
         def mean_of(key):
@@ -209,6 +290,7 @@ class Trainer:
             "response_length/mean": float(rollout.response_lengths.mean()),
             "response_length/truncated_frac": float(rollout.truncated.mean()),
             **mm,
+            **critic_metrics,
             "loss": mean_of("loss"),
             "grad_norm": mean_of("grad_norm"),
             "loss_scale": float(jax.device_get(self.state.loss_scale.loss_scale)),
@@ -233,7 +315,7 @@ class Trainer:
         run = self.run_cfg
         total = run.train.iterations if iterations is None else iterations
         metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
-        _truncate_metrics(metrics_path, self.start_iteration)
+        truncate_metrics(metrics_path, self.start_iteration)
         writer = None
         if run.log.tensorboard:
             from tensorboardX import SummaryWriter
@@ -282,8 +364,14 @@ class Trainer:
                 "num_prompts": len(self.problems)}
         self.checkpointer.save(iteration, self.state, meta)
 
+    def policy_weights(self) -> Any:
+        """The policy's FP32 weights as the sampler and the scorer take them (LoRA: base and adapters merged)."""
+        params = _policy_params(self.run_cfg, self.state.params)
+        return params if self.lora is None else self.lora.policy_params(params)
+
     def export(self, out_dir: str, dtype: str | None = None) -> None:
-        save_hf_params(jax.device_get(self.state.params), self.model_cfg, out_dir,
+        base = None if self.lora is None else load_hf_params(self.base_dir)[1]
+        save_hf_params(_exported_policy(self.run_cfg, self.state.params, self.lora, base), self.model_cfg, out_dir,
                        dtype=dtype or self.run_cfg.checkpoint.export_dtype, tokenizer_from=self.base_dir)
 
     def close(self) -> None:
@@ -309,15 +397,18 @@ def export_checkpoint(run_dir: str, out_dir: str, *, iteration: int | None = Non
         base_dir = ensure_base_model(run, progress=False)
         model_cfg, params = load_hf_params(base_dir)
         optimizer = make_optimizer(run)
-        like = TrainState.create(jax.tree_util.tree_map(jnp.asarray, params), optimizer, make_loss_scale(run))
+        lora = LoRA.for_run(run, model_cfg, params)
+        like = TrainState.create(_trainable(run, jax.tree_util.tree_map(jnp.asarray, params), lora), optimizer,
+                                 make_loss_scale(run))
         state, meta = checkpointer.restore(like, iteration)
     finally:
         checkpointer.close()
-    save_hf_params(jax.device_get(state.params), model_cfg, out_dir, dtype=dtype, tokenizer_from=base_dir)
+    save_hf_params(_exported_policy(run, state.params, lora, params), model_cfg, out_dir, dtype=dtype,
+                   tokenizer_from=base_dir)
     return int(meta["iteration"])
 
 
-def _truncate_metrics(path: str, keep_through: int) -> None:
+def truncate_metrics(path: str, keep_through: int) -> None:
     """Drops metrics lines past the checkpoint a run resumes from (they are logged again)."""
     if not os.path.exists(path):
         return
