@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo mismatch-demo clean
+.PHONY: install test demo mismatch-demo bench clean
 
 install: $(STAMP)
 
@@ -37,3 +37,9 @@ mismatch-demo: install
 	$(VENV)/bin/jaxrl-fp16 mismatch --model runs/demo/model --sampler jax --dtype float32,float16,bfloat16 \
 		--num-prompts 64 --prompt-len 16 --max-new-tokens 128 --samples-per-prompt 4 --seed 0 \
 		--out runs/demo/mismatch
+
+# Benchmarks against the peers on this machine (JAX sampler vs vLLM vs transformers, jitted step vs PyTorch,
+# weight push vs memcpy, the method's overheads): bench/results.json, bench/results.md and the README table.
+# About 4 minutes on 2 CPU cores. The GPU benchmark is `$(PY) -m benchmarks.gpu` (see benchmarks/gpu.py).
+bench: install
+	$(PY) -m benchmarks --out bench --readme README.md
