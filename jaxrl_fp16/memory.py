@@ -4,12 +4,14 @@
     optimizer     Adam's mu and nu (FP32)                          4 B x slots x P_dev
     gradients     FP32                                             4 B x P_dev
     compute copy  the parameters cast to the compute dtype         c B x P_dev (none when c = 4)
+    frozen        a frozen base (LoRA), kept in the compute dtype  c B x F_dev
     activations   per micro-batch (rough), rows r = micro-batch rows / (data x fsdp), tokens n = r x T:
                   L x [n x c x (6H + 2Q + 2K + 3I) + r x Nq x T^2 x 8] / tensor      (layer outputs, attention
                   scores and probabilities in FP32) + r x min(chunk, T) x V x 12 / tensor   (one FP32 logits
                   chunk: logits, log-softmax and its gradient)
 
-P_dev is the number of parameter elements a device holds under the sharding rules (`sharding.param_specs`).
+P_dev is the number of trained parameter elements a device holds under the sharding rules
+(`sharding.param_specs`), F_dev that of the frozen tree (0 without one).
 The activation term is an order-of-magnitude guide (XLA fuses and rematerialises), not a bound.
 """
 
@@ -45,10 +47,11 @@ class MemoryEstimate:
     gradients: int
     compute_params: int
     activations: int
+    frozen: int = 0
 
     @property
     def total(self) -> int:
-        return self.params + self.optimizer + self.gradients + self.compute_params + self.activations
+        return sum(getattr(self, f.name) for f in dataclasses.fields(self))
 
     def describe(self) -> str:
         parts = ", ".join(f"{f.name} {format_bytes(getattr(self, f.name))}" for f in dataclasses.fields(self))
@@ -57,7 +60,7 @@ class MemoryEstimate:
 
 def estimate_memory(cfg: ModelConfig, sizes: Mapping[str, int], *, compute_bytes: int, microbatch_rows: int,
                     seq_len: int, params_per_device: int | None = None, optimizer_slots: int = 2,
-                    chunk_size: int = 256) -> MemoryEstimate:
+                    chunk_size: int = 256, frozen_per_device: int = 0) -> MemoryEstimate:
     """The per-device estimate of one training step.
 
     Args:
@@ -69,6 +72,8 @@ def estimate_memory(cfg: ModelConfig, sizes: Mapping[str, int], *, compute_bytes
       params_per_device: parameter elements one device holds; default: all parameters / (fsdp x tensor).
       optimizer_slots: FP32 arrays of optimizer state per parameter (Adam: 2).
       chunk_size: positions per log-softmax chunk (`token_logprobs`).
+      frozen_per_device: elements of a frozen, untrained tree one device holds (LoRA's base), in the compute
+        dtype.
     """
     data, fsdp, tensor = (int(sizes.get(k, 1)) for k in ("data", "fsdp", "tensor"))
     if min(data, fsdp, tensor, compute_bytes, microbatch_rows, seq_len) < 1 or optimizer_slots < 0:
@@ -83,7 +88,7 @@ def estimate_memory(cfg: ModelConfig, sizes: Mapping[str, int], *, compute_bytes
     logits = rows * min(chunk_size, seq_len) * V * 12
     return MemoryEstimate(params=4 * p, optimizer=4 * optimizer_slots * p, gradients=4 * p,
                           compute_params=0 if compute_bytes == 4 else compute_bytes * p,
-                          activations=(L * per_layer + logits) // tensor)
+                          activations=(L * per_layer + logits) // tensor, frozen=compute_bytes * frozen_per_device)
 
 
 def check_fits(estimate: MemoryEstimate, bytes_limit: int | None) -> None:

@@ -151,6 +151,13 @@ def test_memory_estimate_closed_form():
         estimate_memory(CFG, {}, compute_bytes=2, microbatch_rows=0, seq_len=32)
 
 
+def test_a_frozen_base_counts_in_the_compute_dtype():
+    plain = estimate_memory(CFG, {}, compute_bytes=2, microbatch_rows=8, seq_len=32)
+    lora = estimate_memory(CFG, {}, compute_bytes=2, microbatch_rows=8, seq_len=32, frozen_per_device=1000)
+    assert plain.frozen == 0 and lora.frozen == 2 * 1000
+    assert lora.total - plain.total == 2000 and "frozen" in lora.describe()
+
+
 def test_check_fits_names_the_numbers():
     est = MemoryEstimate(params=4 << 30, optimizer=8 << 30, gradients=4 << 30, compute_params=2 << 30,
                          activations=1 << 30)

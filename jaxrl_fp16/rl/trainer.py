@@ -106,13 +106,15 @@ def make_run_mesh(run: RunConfig):
     return mesh
 
 
-def _memory_estimate(run: RunConfig, model_cfg, params: Any, mesh, compute, seq_len: int):
-    """The per-device estimate of training `params` (the trained tree) on `mesh`, logged and checked."""
+def _memory_estimate(run: RunConfig, model_cfg, params: Any, mesh, compute, seq_len: int, frozen: Any = None):
+    """The per-device estimate of training `params` (the trained tree; `frozen`: LoRA's base) on `mesh`, logged
+    and checked."""
     sizes = sharding.axis_sizes(mesh)
     rows = run.train.prompts_per_iteration * run.train.samples_per_prompt // run.train.minibatches_per_iteration
     estimate = estimate_memory(model_cfg, sizes, compute_bytes=np.dtype(compute).itemsize,
                                microbatch_rows=rows // run.train.microbatches, seq_len=seq_len,
-                               params_per_device=sharding.elements_per_device(params, sizes))
+                               params_per_device=sharding.elements_per_device(params, sizes),
+                               frozen_per_device=0 if frozen is None else sharding.elements_per_device(frozen, sizes))
     log.info("mesh %s; training memory estimate: %s", dict(sizes), estimate.describe())
     check_fits(estimate, device_bytes_limit(mesh.devices.flat))
     return estimate
@@ -189,7 +191,8 @@ class Trainer:
         self.state = sharding.place(self.state, self.state_sharding)
         if self.frozen is not None:
             self.frozen = sharding.place(self.frozen, sharding.param_shardings(self.frozen, self.mesh))
-        self.memory = _memory_estimate(run, self.model_cfg, self.state.params, self.mesh, compute, self.width)
+        self.memory = _memory_estimate(run, self.model_cfg, self.state.params, self.mesh, compute, self.width,
+                                       self.frozen)
         self.step_fn = make_train_step(self._loss_fn if self.lora is None else self.lora.wrap_loss(self._loss_fn),
                                        self.optimizer, self.policy,
                                        max_grad_norm=None if run.critic.enabled else run.optim.max_grad_norm,
