@@ -17,7 +17,7 @@ from benchmarks.common import Comparison, interleaved_median
 from jaxrl_fp16.models.hf import load_hf_params
 from jaxrl_fp16.sampling import JaxSampler, SamplingSettings, create_sampler
 
-__all__ = ["run_decode", "prefix_agreement"]
+__all__ = ["run_decode", "prefix_agreement", "random_prompts", "responses"]
 
 log = logging.getLogger(__name__)
 FP32_MIN_AGREEMENT = 0.9
@@ -29,7 +29,7 @@ def prefix_agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(same.sum(axis=1).mean() / a.shape[1])
 
 
-def _prompts(n: int, length: int, seed: int) -> list[list[int]]:
+def random_prompts(n: int, length: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(3, 250, size=length).tolist() for _ in range(n)]
 
@@ -39,20 +39,20 @@ def run_decode(model_dir: str, size: str, dtypes: tuple[str, ...], *, batch: int
     from benchmarks.peers import TorchGenerate
 
     cfg, params = load_hf_params(model_dir)
-    prompts = _prompts(batch, prompt_len, seed=0)
+    prompts = random_prompts(batch, prompt_len, seed=0)
     settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
     results = []
     for dtype in dtypes:
         ours = JaxSampler(cfg, params, dtype=dtype, max_batch_size=batch)
         hf = TorchGenerate(model_dir, dtype)
         systems: dict[str, Callable[[], np.ndarray]] = {
-            "jax": lambda: _responses(ours.generate(prompts, settings)),
+            "jax": lambda: responses(ours.generate(prompts, settings)),
             "transformers": lambda: hf.generate(prompts, max_new_tokens),
         }
         engine = None
         if with_vllm:
             engine = create_sampler("vllm", cfg=cfg, params=params, model_dir=model_dir, dtype=dtype, seed=0)
-            systems["vllm"] = lambda: _responses(engine.generate(prompts, settings))
+            systems["vllm"] = lambda: responses(engine.generate(prompts, settings))
         try:
             outputs = {name: fn() for name, fn in systems.items()}  # warm-up (compiles) and the check
             agreement = {name: prefix_agreement(outputs["jax"], out) for name, out in outputs.items() if name != "jax"}
@@ -76,5 +76,6 @@ def run_decode(model_dir: str, size: str, dtypes: tuple[str, ...], *, batch: int
     return results
 
 
-def _responses(rollout) -> np.ndarray:
+def responses(rollout) -> np.ndarray:
+    """The response columns of a rollout [N, max_new_tokens]."""
     return np.asarray(rollout.tokens[:, rollout.prompt_width:])

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks.train_step import nll_loss
 from jaxrl_fp16.loss_scale import DynamicLossScale, NoOpLossScale
 from jaxrl_fp16.models.config import ModelConfig
 from jaxrl_fp16.models.decoder import CausalLM, causal_inputs
@@ -74,13 +75,7 @@ def bench_train(cfg: ModelConfig, params, dtype: str, rows: int, seq_len: int, s
     policy = {"float16": "fp16-mixed", "bfloat16": "bf16-mixed"}[dtype]
     model = CausalLM(cfg, dtype=jnp.dtype(dtype))
 
-    def loss_fn(p, batch):
-        from jaxrl_fp16.models.decoder import token_logprobs
-
-        logp = token_logprobs(model, p, batch["tokens"], batch["mask"])
-        m = jnp.asarray(batch["mask"], jnp.float32).at[:, 0].set(0.0)
-        return -(logp * m).sum() / m.sum(), {}
-
+    loss_fn = nll_loss(model)  # the CPU benchmark's loss
     optimizer = optax.adamw(1e-5, weight_decay=0.01)
     step = make_train_step(loss_fn, optimizer, policy, donate=True)
     scale = DynamicLossScale(loss_scale=2.0 ** 15) if dtype == "float16" else NoOpLossScale()

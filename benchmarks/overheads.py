@@ -36,11 +36,11 @@ def run_overheads(config: str, *, iterations: int, repeats: int) -> list[Compari
                                "checkpoint.export_hf=false", f"checkpoint.every={iterations}"])
     with tempfile.TemporaryDirectory(prefix="bench-overheads-") as run_dir:
         trainer = Trainer(run, os.path.join(run_dir, "run"))
-        captured = []
+        last_call = {}
         step_fn = trainer.step_fn
 
         def recording_step(*args, **kwargs):
-            captured.append((args, kwargs))
+            last_call.update(args=args, kwargs=kwargs)  # the last mini-batch only: no old states kept alive
             return step_fn(*args, **kwargs)
 
         trainer.step_fn = recording_step
@@ -52,7 +52,7 @@ def run_overheads(config: str, *, iterations: int, repeats: int) -> list[Compari
                 trainer.iteration(it)
                 iteration_times.append(time.perf_counter() - start)
             lp = trainer.last_logprobs
-            args, kwargs = captured[-1]
+            args, kwargs = last_call["args"], last_call["kwargs"]
             state, rest = args[0], args[1:]
             steps_per_iteration = run.train.minibatches_per_iteration
 

@@ -11,19 +11,11 @@ import numpy as np
 import torch
 import transformers
 
+from jaxrl_fp16.models.inference import left_pad
+
 __all__ = ["TorchGenerate", "TorchTrainStep", "TORCH_DTYPES"]
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), width), pad_id, np.int64)
-    mask = np.zeros((len(prompts), width), np.int64)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
-    return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
 class TorchGenerate:
@@ -37,7 +29,7 @@ class TorchGenerate:
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> np.ndarray:
         """Greedy responses [N, max_new_tokens]."""
-        ids, mask = _left_pad(prompts, self.pad_id)
+        ids, mask = (torch.from_numpy(x).long() for x in left_pad(list(prompts), self.pad_id))
         out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                   min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id)
         return out[:, ids.shape[1]:].numpy()

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from benchmarks.common import Comparison
-from benchmarks.decode import prefix_agreement
+from benchmarks.decode import prefix_agreement, random_prompts, responses
 from jaxrl_fp16.models.hf import hf_state_dict, load_hf_params
 from jaxrl_fp16.sampling import JaxSampler, SamplingSettings, create_sampler
 
@@ -36,19 +36,18 @@ def _perturbed(params, scale: float, seed: int):
 def run_weight_push(model_dir: str, size: str, dtype: str, *, repeats: int) -> list[Comparison]:
     cfg, params = load_hf_params(model_dir)
     new = _perturbed(params, 1.0, seed=1)
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, 250, size=16).tolist() for _ in range(8)]
+    prompts = random_prompts(8, 16, seed=0)
     settings = SamplingSettings(max_new_tokens=16, temperature=0.0, ignore_eos=True)
 
     def greedy(sampler):
-        r = sampler.generate(prompts, settings)
-        return r.tokens[:, r.prompt_width:]
+        return responses(sampler.generate(prompts, settings))
 
     old_ref, new_ref = (greedy(JaxSampler(cfg, p, dtype=dtype)) for p in (params, new))
     engine = create_sampler("vllm", cfg=cfg, params=params, model_dir=model_dir, dtype=dtype, seed=0)
     try:
         engine.push_weights(new)
-        follows, stale = prefix_agreement(greedy(engine), new_ref), prefix_agreement(greedy(engine), old_ref)
+        pushed = greedy(engine)
+        follows, stale = prefix_agreement(pushed, new_ref), prefix_agreement(pushed, old_ref)
         log.info("push %s %s: agreement with the pushed weights %.3f, with the old ones %.3f", size, dtype, follows,
                  stale)
         if not (follows >= 0.9 and follows > stale):

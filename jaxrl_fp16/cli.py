@@ -85,8 +85,6 @@ def _mismatch(args: argparse.Namespace) -> int:
 
 
 def _fp16_check(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from jaxrl_fp16 import analysis
     from jaxrl_fp16.fp16_check import fp16_readiness
     from jaxrl_fp16.models.hf import load_hf_params
@@ -104,7 +102,7 @@ def _fp16_check(args: argparse.Namespace) -> int:
     if too_long:
         raise ValueError(f"a sequence has {too_long[0]} tokens, more than the context ({cfg.max_position_embeddings})")
     tokens, mask = left_pad(prompts, cfg.pad_token_id or 0)
-    report = fp16_readiness(cfg, params, np.asarray(tokens), np.asarray(mask), dtype=dtype)
+    report = fp16_readiness(cfg, params, tokens, mask, dtype=dtype)
     print(report.to_markdown())
     print(report.summary)
     if args.out:

@@ -15,13 +15,13 @@ from jaxrl_fp16 import torch_bridge
 from jaxrl_fp16.cli import main
 from jaxrl_fp16.config import load_config
 from jaxrl_fp16.mismatch import METRIC_NAMES, mismatch_metrics, summarize
-from jaxrl_fp16.models.decoder import CausalLM, causal_inputs
 from jaxrl_fp16.models.hf import CheckpointError, hf_state_dict, load_hf_params
 from jaxrl_fp16.models.tiny import make_tiny
 from jaxrl_fp16.rl.trainer import Trainer
 from jaxrl_fp16.sampling import SAMPLERS, Sampler, SamplingSettings, create_sampler
 from jaxrl_fp16.sampling.transformers_sampler import TransformersSampler, response_lengths
 from jaxrl_fp16.scoring import Scorer
+from sampler_references import filtered_logprob, perturbed, trainer_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LEN = 64
@@ -61,34 +61,6 @@ def prompts_for(cfg, n=6, seed=0, lo=2, hi=12):
 def score(cfg, params, rollout, temperature=1.0, dtype="float32"):
     """The trainer's teacher-forced log pi of the rollout (one batch shape for every test: fewer compiles)."""
     return Scorer(cfg, dtype=dtype, batch_size=8)(params, rollout.tokens, rollout.attention_mask, temperature)
-
-
-def trainer_logits(cfg, params, rollout):
-    """FP32 next-token logits [N, T, V] of the trainer on the rollout: entry t-1 predicts token t."""
-    model = CausalLM(cfg)
-    tokens = jax.numpy.asarray(rollout.tokens)
-    positions, mask = causal_inputs(tokens, None, jax.numpy.asarray(rollout.attention_mask))
-    logits, _, _ = jax.jit(model.apply)({"params": params}, tokens, positions, mask)
-    return np.asarray(logits, np.float64)
-
-
-def filtered_logprob(logits_V, token, temperature, top_k, top_p):
-    """log of the token's probability after temperature, top-k, then top-p (vLLM's rule), in float64."""
-    z = logits_V / temperature
-    if top_k:
-        z = np.where(z >= np.sort(z)[-top_k], z, -np.inf)
-    order = np.argsort(z)
-    probs = np.exp(z[order] - z.max())
-    drop = np.cumsum(probs / probs.sum()) <= 1 - top_p
-    drop[-1] = False
-    z[order[drop]] = -np.inf
-    return z[token] - (z.max() + np.log(np.sum(np.exp(z - z.max()))))
-
-
-def perturbed(params):
-    rng = np.random.default_rng(1)
-    return jax.tree_util.tree_map(
-        lambda x: (np.asarray(x) * 1.05 + 0.02 * rng.standard_normal(x.shape)).astype(np.float32), params)
 
 
 # ----- no model -----

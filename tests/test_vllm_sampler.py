@@ -22,12 +22,13 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
 from jaxrl_fp16.mismatch import mismatch_metrics, summarize  # noqa: E402
-from jaxrl_fp16.models.decoder import CausalLM, causal_inputs, token_logprobs  # noqa: E402
+from jaxrl_fp16.models.decoder import CausalLM, token_logprobs  # noqa: E402
 from jaxrl_fp16.models.hf import CheckpointError, load_hf_params  # noqa: E402
 from jaxrl_fp16.models.tiny import make_tiny  # noqa: E402
 from jaxrl_fp16.sampling import vllm_sampler  # noqa: E402
 from jaxrl_fp16.sampling.base import Sampler, SamplingSettings  # noqa: E402
 from jaxrl_fp16.sampling.vllm_sampler import VLLMSampler, torch_weights  # noqa: E402
+from sampler_references import filtered_logprob, perturbed, trainer_logits  # noqa: E402
 
 MAX_LEN = 128
 FP32_TOL = 1e-4
@@ -94,28 +95,6 @@ def trainer_logprobs(cfg, params, rollout, dtype="float32", temperature=1.0):
     model = CausalLM(cfg, dtype=jnp.dtype(dtype))
     fn = jax.jit(lambda p, t, m: token_logprobs(model, p, t, m, temperature=temperature))
     return np.asarray(fn(params, jnp.asarray(rollout.tokens), jnp.asarray(rollout.attention_mask)))
-
-
-def trainer_logits(cfg, params, rollout):
-    """FP32 next-token logits [N, T, V] of the trainer on the rollout: entry t-1 predicts token t."""
-    model = CausalLM(cfg)
-    tokens = jnp.asarray(rollout.tokens)
-    positions, mask = causal_inputs(tokens, None, jnp.asarray(rollout.attention_mask))
-    logits, _, _ = jax.jit(model.apply)({"params": params}, tokens, positions, mask)
-    return np.asarray(logits, np.float64)
-
-
-def filtered_logprob(logits_V, token, temperature, top_k, top_p):
-    """log of the sampled token's probability after temperature, top-k, then top-p (vLLM's rule), in float64."""
-    z = logits_V / temperature
-    if top_k:
-        z = np.where(z >= np.sort(z)[-top_k], z, -np.inf)
-    order = np.argsort(z)  # ascending, as vLLM sorts
-    probs = np.exp(z[order] - z.max())
-    drop = np.cumsum(probs / probs.sum()) <= 1 - top_p
-    drop[-1] = False  # keep at least the top token
-    z[order[drop]] = -np.inf
-    return z[token] - (z.max() + np.log(np.sum(np.exp(z - z.max()))))
 
 
 def response_rows(rollout):
@@ -303,18 +282,12 @@ def test_a_malformed_push_is_refused_before_the_engine_is_touched(engines, train
     np.testing.assert_array_equal(after.logprobs, before.logprobs)
 
 
-def _perturbed(params):
-    rng = np.random.default_rng(1)
-    return jax.tree_util.tree_map(
-        lambda x: (np.asarray(x) * 1.05 + 0.02 * rng.standard_normal(x.shape)).astype(np.float32), params)
-
-
 def _check_push(sampler, trainer, prompts, dtype, tol):
     """Push perturbed weights (mu follows them), then the originals (bit-identical to before). Returns seconds."""
     cfg, params = trainer
     settings = SamplingSettings(max_new_tokens=12, samples_per_prompt=2, ignore_eos=True, seed=5)
     before = sampler.generate(prompts, settings)
-    new_params = _perturbed(params)
+    new_params = perturbed(params)
     try:
         sampler.push_weights(new_params)
         after = sampler.generate(prompts, settings)

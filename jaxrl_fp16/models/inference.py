@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrl_fp16.models.decoder import CausalLM, KVCache, init_cache
 
@@ -54,8 +55,9 @@ def decode_step(model: CausalLM, params: Any, token_B: Array, position_B: Array,
     return logits_Bx1xV[:, 0], cache
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, width: int | None = None) -> tuple[Array, Array]:
-    """Left-pads token lists to `width` (default: the longest); returns tokens [B, P] and mask [B, P]."""
+def left_pad(prompts: list[list[int]], pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token lists to `width` (default: the longest); returns int32 host arrays tokens [B, P] and
+    mask [B, P] (numpy: no device round trip; jitted functions take them as they are)."""
     if not prompts:
         raise ValueError("no prompts given")
     longest = max(len(p) for p in prompts)
@@ -64,6 +66,9 @@ def left_pad(prompts: list[list[int]], pad_id: int, width: int | None = None) ->
     width = longest if width is None else width
     if longest > width:
         raise ValueError(f"a prompt has {longest} tokens, more than the width {width}")
-    tokens = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
-    mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
-    return jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return tokens, mask

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxrl_fp16.models.config import ModelConfig, Numerics
 from jaxrl_fp16.models.decoder import CausalLM
-from jaxrl_fp16.models.inference import decode_step, prefill
+from jaxrl_fp16.models.inference import decode_step, left_pad, prefill
 from jaxrl_fp16.precision import as_dtype
 from jaxrl_fp16.sampling.base import (FINISH_LENGTH, FINISH_STOP, Rollout, SamplingSettings,
                                       validate_prompts)
@@ -101,16 +101,6 @@ def _generate(model: CausalLM, params: Any, prompt_BxP: Array, mask_BxP: Array, 
     return out_tok, out_lp, lengths_B, done_B
 
 
-def _left_pad_host(prompts: list[list[int]], pad_id: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """`left_pad` in numpy (no device round trip per call; `prompts` are already validated)."""
-    tokens = np.full((len(prompts), width), pad_id, np.int32)
-    mask = np.zeros((len(prompts), width), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, width - len(p):] = p
-        mask[i, width - len(p):] = 1
-    return tokens, mask
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -167,7 +157,7 @@ class JaxSampler:
             chunk = rows[start:start + self.max_batch_size]
             bucket = min(_next_pow2(len(chunk)), self.max_batch_size)
             padded = chunk + [chunk[0]] * (bucket - len(chunk))
-            tok_BxP, mask_BxP = _left_pad_host(padded, self.pad_id, width)
+            tok_BxP, mask_BxP = left_pad(padded, self.pad_id, width)
             res = _generate(self.model, self._params, tok_BxP, mask_BxP, base_key, np.uint32(start),
                             *scalars, max_new_tokens=R)
             t, lp, n, d = (np.asarray(x)[: len(chunk)] for x in jax.device_get(res))
@@ -175,7 +165,7 @@ class JaxSampler:
         out_tok, out_lp = np.concatenate(out_tok), np.concatenate(out_lp)
         lengths, stopped = np.concatenate(lengths), np.concatenate(stopped)
 
-        prompt_tok, prompt_mask = _left_pad_host(rows, self.pad_id, P)
+        prompt_tok, prompt_mask = left_pad(rows, self.pad_id, P)
         resp_mask = (np.arange(R)[None, :] < lengths[:, None]).astype(np.int32)
         out_tok = np.where(resp_mask == 1, out_tok, self.pad_id).astype(np.int32)
         zeros = np.zeros_like(prompt_mask)

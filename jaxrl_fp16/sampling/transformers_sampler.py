@@ -142,7 +142,7 @@ class TransformersSampler:
         out_lp = np.zeros((len(rows), new), np.float32)
         for b, start in enumerate(range(0, len(rows), self.max_batch_size)):
             chunk = rows[start:start + self.max_batch_size]
-            tok_BxP, mask_BxP = (np.asarray(x) for x in left_pad(chunk, self.pad_token_id, width))
+            tok_BxP, mask_BxP = left_pad(chunk, self.pad_token_id, width)
             tokens, logprobs = torch_bridge.generate_with_logprobs(
                 model, tok_BxP, mask_BxP, max_new_tokens=new, temperature=settings.temperature,
                 top_k=settings.top_k, top_p=settings.top_p, stop_token_ids=stop, pad_token_id=self.pad_token_id,
@@ -158,7 +158,7 @@ class TransformersSampler:
         new = out_tok_NxR.shape[1]
         lengths, stopped = response_lengths(out_tok_NxR, stop)
         resp_NxR = (np.arange(new)[None, :] < lengths[:, None]).astype(np.int32)
-        prompt_NxP, prompt_mask_NxP = (np.asarray(x, np.int32) for x in left_pad(rows, self.pad_token_id, width))
+        prompt_NxP, prompt_mask_NxP = left_pad(rows, self.pad_token_id, width)
         return Rollout(
             tokens=np.concatenate([prompt_NxP, np.where(resp_NxR == 1, out_tok_NxR, self.pad_token_id)],
                                   axis=1).astype(np.int32),
