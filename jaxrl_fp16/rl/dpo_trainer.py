@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_fp16.checkpoint import Checkpointer
-from jaxrl_fp16.config import ConfigError, RunConfig, to_yaml
+from jaxrl_fp16.config import ConfigError, RunConfig
 from jaxrl_fp16.models.config import Numerics
 from jaxrl_fp16.models.decoder import CausalLM, token_logprobs
 from jaxrl_fp16.models.hf import load_hf_params, save_hf_params
@@ -35,7 +35,8 @@ from jaxrl_fp16.rl.dpo import DPO_DIAG_NAMES, dpo_loss, sequence_logps
 from jaxrl_fp16.rl.preferences import PairArrays, split_pairs, tokenize_pairs
 from jaxrl_fp16.rl.sft import ensure_base_model
 from jaxrl_fp16.rl.tasks import make_task
-from jaxrl_fp16.rl.trainer import truncate_metrics, make_loss_scale, make_optimizer
+from jaxrl_fp16.rl.rundir import MetricsLog, checkpoint_dir, refuse_overwrite, write_config
+from jaxrl_fp16.rl.trainer import make_loss_scale, make_optimizer
 from jaxrl_fp16.step import TrainState, make_train_step
 
 __all__ = ["DPOTrainer", "batch_rows", "pair_logps"]
@@ -82,10 +83,7 @@ class DPOTrainer:
         self.policy = run.policy
         d = run.dpo
         _check_supported(run)
-        ckpt_dir = os.path.join(run_dir, "checkpoints")
-        if not resume and os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir)):
-            raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
-                                  f"or choose another --run-dir")
+        refuse_overwrite(run_dir, resume)
         self.base_dir = ensure_base_model(run, progress=run.log.progress)
         self.model_cfg, params = load_hf_params(self.base_dir)
         from transformers import AutoTokenizer
@@ -114,14 +112,13 @@ class DPOTrainer:
                                        max_grad_norm=run.optim.max_grad_norm, num_microbatches=d.microbatches)
         self.state = TrainState.create(params, self.optimizer, make_loss_scale(run))
         os.makedirs(run_dir, exist_ok=True)
-        self.checkpointer = Checkpointer(ckpt_dir, keep=run.checkpoint.keep)
+        self.checkpointer = Checkpointer(checkpoint_dir(run_dir), keep=run.checkpoint.keep)
         self.start_step = 0
         if resume and self.checkpointer.latest() is not None:
             self.state, meta = self.checkpointer.restore(self.state)
             self.start_step = int(meta["step"])
             log.info("resumed from step %d", self.start_step)
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(to_yaml(run))
+        write_config(run_dir, run)
 
     # ----- the loss the jitted step differentiates -----
 
@@ -185,18 +182,14 @@ class DPOTrainer:
 
         run = self.run_cfg
         total = run.dpo.steps if steps is None else steps
-        metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
-        truncate_metrics(metrics_path, self.start_step)
-        writer = None
-        if run.log.tensorboard:
-            from tensorboardX import SummaryWriter
-
-            writer = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=self.start_step)
+        metrics_log = MetricsLog(self.run_dir, self.start_step, tensorboard=run.log.tensorboard,
+                                 purge_step=self.start_step)
+        metrics_path = metrics_log.path
         t_start = time.perf_counter()
         first_eval = last_eval = None
         if self.start_step == 0:
             first_eval = last_eval = self.evaluate()
-            self._log(metrics_path, writer, {"step": 0, **first_eval})
+            metrics_log.write({"step": 0, **first_eval})
         elif os.path.exists(metrics_path):
             with open(metrics_path) as f:
                 first_eval = next(({k: v for k, v in m.items() if k != "step"} for m in map(json.loads, f)
@@ -210,14 +203,13 @@ class DPOTrainer:
                 if done % run.dpo.eval_every == 0 or done == total:
                     last_eval = self.evaluate()
                     m.update(last_eval)
-                self._log(metrics_path, writer, m)
+                metrics_log.write(m)
                 bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}", skip=m["skipped_steps"])
                 if done % run.checkpoint.every == 0 or done == total:
                     self.save(done)
         finally:
             bar.close()
-            if writer is not None:
-                writer.close()
+            metrics_log.close()
         hf_dir = os.path.join(self.run_dir, "hf")
         if run.checkpoint.export_hf and (total > self.start_step or not os.path.isdir(hf_dir)):
             self.export(hf_dir)
@@ -230,14 +222,6 @@ class DPOTrainer:
             json.dump(summary, f, indent=2)
         return summary
 
-    @staticmethod
-    def _log(path: str, writer: Any, m: dict[str, Any]) -> None:
-        with open(path, "a") as f:
-            f.write(json.dumps(m) + "\n")
-        if writer is not None:
-            for key, value in m.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    writer.add_scalar(key, value, m["step"])
 
     def save(self, step: int) -> None:
         # `iteration` too, so that `jaxrl-fp16 export` reads DPO runs as it reads RL runs.

@@ -16,7 +16,6 @@ point and resumed from its last checkpoint ends with the same parameters as an u
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -30,7 +29,7 @@ import optax
 from jaxrl_fp16 import mismatch
 from jaxrl_fp16 import sharding
 from jaxrl_fp16.checkpoint import Checkpointer
-from jaxrl_fp16.config import ConfigError, RunConfig, to_yaml
+from jaxrl_fp16.config import ConfigError, RunConfig
 from jaxrl_fp16.lora import LoRA
 from jaxrl_fp16.loss_scale import DynamicLossScale, NoOpLossScale, StaticLossScale
 from jaxrl_fp16.memory import check_fits, device_bytes_limit, estimate_memory
@@ -41,13 +40,14 @@ from jaxrl_fp16.rl import ppo
 from jaxrl_fp16.rl.advantages import group_advantages
 from jaxrl_fp16.rl.losses import LossInputs, compute_loss
 from jaxrl_fp16.rl.prompts import build_prompt_set, rollout_rewards
+from jaxrl_fp16.rl.rundir import MetricsLog, checkpoint_dir, refuse_overwrite, write_config
 from jaxrl_fp16.rl.sft import ensure_base_model
 from jaxrl_fp16.rl.tasks import make_task
 from jaxrl_fp16.sampling import create_sampler
 from jaxrl_fp16.scoring import Scorer
 from jaxrl_fp16.step import TrainState, make_train_step
 
-__all__ = ["Trainer", "export_checkpoint", "make_loss_scale", "make_optimizer", "prompt_indices", "truncate_metrics"]
+__all__ = ["Trainer", "export_checkpoint", "make_loss_scale", "make_optimizer", "prompt_indices"]
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,7 @@ class Trainer:
         self.run_dir = run_dir
         self.policy = run.policy
         self.progress = run.log.progress
-        ckpt_dir = os.path.join(run_dir, "checkpoints")
-        if not resume and os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
-            raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
-                                  f"or choose another --run-dir")
+        refuse_overwrite(run_dir, resume)
         self.mesh = make_run_mesh(run)
 
         self.base_dir = ensure_base_model(run, progress=self.progress)
@@ -200,15 +197,14 @@ class Trainer:
                                        state_sharding=self.state_sharding, batch_sharding=self.batch_sharding)
         self.value_scorer = ppo.ValueScorer(self.model, self.policy) if run.critic.enabled else None
         os.makedirs(run_dir, exist_ok=True)
-        self.checkpointer = Checkpointer(ckpt_dir, keep=run.checkpoint.keep)
+        self.checkpointer = Checkpointer(checkpoint_dir(run_dir), keep=run.checkpoint.keep)
         self.start_iteration = 0
         if resume and self.checkpointer.latest() is not None:
             self.state, meta = self.checkpointer.restore(self.state)
             self.start_iteration = int(meta["iteration"])
             self.sampler.push_weights(self.policy_weights())
             log.info("resumed from iteration %d", self.start_iteration)
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(to_yaml(run))
+        write_config(run_dir, run)
 
     # ----- the loss the jitted step differentiates -----
 
@@ -317,13 +313,8 @@ class Trainer:
 
         run = self.run_cfg
         total = run.train.iterations if iterations is None else iterations
-        metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
-        truncate_metrics(metrics_path, self.start_iteration)
-        writer = None
-        if run.log.tensorboard:
-            from tensorboardX import SummaryWriter
-
-            writer = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=self.start_iteration + 1)
+        metrics_log = MetricsLog(self.run_dir, self.start_iteration, tensorboard=run.log.tensorboard,
+                                 purge_step=self.start_iteration + 1)
         history = []
         bar = tqdm(range(self.start_iteration, total), initial=self.start_iteration, total=total,
                    desc=f"RL {run.precision}", disable=not self.progress)
@@ -331,12 +322,7 @@ class Trainer:
             for it in bar:
                 m = self.iteration(it)
                 history.append(m)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
-                if writer is not None:
-                    for key, value in m.items():
-                        if isinstance(value, (int, float)) and key != "step":
-                            writer.add_scalar(key, value, m["step"])
+                metrics_log.write(m)
                 bar.set_postfix(acc=f"{m['reward/accuracy']:.2f}", kl=f"{m['mismatch/kl_k3']:.1e}",
                                 skip=m["skipped_steps"])
                 done = it + 1
@@ -344,8 +330,7 @@ class Trainer:
                     self.save(done)
         finally:
             bar.close()
-            if writer is not None:
-                writer.close()
+            metrics_log.close()
         if history:
             # The last iteration's log mu / log pi per token, for scatter plots and offline analysis.
             np.savez_compressed(os.path.join(self.run_dir, "last_logprobs.npz"), **self.last_logprobs)
@@ -391,7 +376,7 @@ def export_checkpoint(run_dir: str, out_dir: str, *, iteration: int | None = Non
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     run = load_config(config_file)
-    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=run.checkpoint.keep)
+    checkpointer = Checkpointer(checkpoint_dir(run_dir), keep=run.checkpoint.keep)
     try:
         if not checkpointer.all():
             raise FileNotFoundError(f"no checkpoint in {run_dir}")
@@ -409,17 +394,3 @@ def export_checkpoint(run_dir: str, out_dir: str, *, iteration: int | None = Non
     save_hf_params(_exported_policy(run, state.params, lora, params), model_cfg, out_dir, dtype=dtype,
                    tokenizer_from=base_dir)
     return int(meta["iteration"])
-
-
-def truncate_metrics(path: str, keep_through: int) -> None:
-    """Drops metrics lines past the checkpoint a run resumes from (they are logged again)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [ln for ln in f if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_through]
-    if len(kept) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
