@@ -7,7 +7,8 @@
         finite = all_finite(g); g = finite ? g : 0   # no NaN reaches the optimizer (lax.cond)
         norm = global_norm(g); g = clip(g, max_grad_norm)
         params', opt_state' = optimizer(g, opt_state, params)
-        keep params and opt_state unchanged unless finite; S = S.adjust(finite)
+        applied = finite and params', opt_state' all finite   # e.g. lr=inf: finite gradients, non-finite update
+        keep params and opt_state unchanged unless applied; skipped += not applied; S = S.adjust(finite)
 
 Gradients are taken with respect to the FP32 master parameters: the cast to the compute dtype happens inside
 the differentiated function, so its transpose brings the FP16 cotangents back to FP32.
@@ -28,7 +29,7 @@ from jaxrl_fp16.precision import Policy, get_policy
 __all__ = ["TrainState", "make_train_step"]
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-_STEP_METRICS = ("loss", "grad_norm", "loss_scale", "skipped", "grads_finite")
+_STEP_METRICS = ("loss", "grad_norm", "loss_scale", "skipped", "grads_finite", "update_finite")
 
 
 @struct.dataclass
@@ -91,7 +92,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, po
 
     Returns:
       The jitted step. Metrics are scalars: `loss` (unscaled), `grad_norm` (unscaled, before clipping; 0 on a
-      skipped step), `loss_scale` (the scale used by this step), `skipped` and `grads_finite` (int32 0/1),
+      skipped step), `loss_scale` (the scale used by this step), `skipped`, `grads_finite` and `update_finite` (int32 0/1),
       and the averaged `aux` entries (float32).
     """
     policy = get_policy(policy)
@@ -153,20 +154,26 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, po
             grads = _clip_by_global_norm(grads, grad_norm, max_grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # Finite gradients can still make a non-finite update (an infinite learning rate, an overflowing
+        # moment): such a step is skipped too, so the state never holds a non-finite value. The loss scale
+        # reacts to the gradients only (a smaller scale cannot fix the update).
+        update_finite = all_finite((params, opt_state))
+        applied = grads_finite & update_finite
         new_state = state.replace(
             step=state.step + 1,
-            params=select_tree(grads_finite, params, state.params),
-            opt_state=select_tree(grads_finite, opt_state, state.opt_state),
+            params=select_tree(applied, params, state.params),
+            opt_state=select_tree(applied, opt_state, state.opt_state),
             loss_scale=state.loss_scale.adjust(grads_finite),
-            skipped_steps=state.skipped_steps + (~grads_finite).astype(jnp.int32),
+            skipped_steps=state.skipped_steps + (~applied).astype(jnp.int32),
         )
         metrics = {
             **aux,
             "loss": loss,
             "grad_norm": grad_norm.astype(jnp.float32),
             "loss_scale": jnp.asarray(state.loss_scale.loss_scale, jnp.float32),
-            "skipped": (~grads_finite).astype(jnp.int32),
+            "skipped": (~applied).astype(jnp.int32),
             "grads_finite": grads_finite.astype(jnp.int32),
+            "update_finite": update_finite.astype(jnp.int32),
         }
         return new_state, metrics
 

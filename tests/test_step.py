@@ -169,6 +169,23 @@ def test_non_finite_step_is_skipped_bit_for_bit(bad):
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(recovered))
 
 
+@pytest.mark.parametrize("lr", [np.inf, 1e38])
+def test_a_non_finite_update_from_finite_gradients_is_skipped(lr):
+    """An infinite learning rate (or one that overflows FP32) makes the update non-finite although every gradient
+    is finite: the state keeps its values, the step counts as skipped, the loss scale does not shrink."""
+    optimizer = optax.sgd(lr)
+    step_fn = make_train_step(_mse, optimizer, "fp16-mixed", max_grad_norm=None)
+    state = TrainState.create(_params(), optimizer, DynamicLossScale(loss_scale=2.0**12, period=3))
+    new_state, metrics = step_fn(state, _batch(seed=1))
+    assert int(metrics["grads_finite"]) == 1 and float(metrics["grad_norm"]) > 0
+    assert int(metrics["update_finite"]) == 0 and int(metrics["skipped"]) == 1
+    _assert_trees_bit_equal(new_state.params, state.params)
+    _assert_trees_bit_equal(new_state.opt_state, state.opt_state)
+    assert int(new_state.skipped_steps) == 1 and int(new_state.step) == 1
+    assert float(new_state.loss_scale.loss_scale) == 2.0**12 and int(new_state.loss_scale.counter) == 1
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(new_state))
+
+
 def test_fp16_underflow_needs_loss_scaling():
     """Gradients of a tiny loss underflow to zero in FP16; dynamic loss scaling recovers them."""
     coeff = 1e-8  # loss ~1e-8: dloss/dpred ~1e-9 rounds to zero in float16 (smallest subnormal 6e-8)
@@ -224,7 +241,7 @@ def test_metrics_dtypes_and_donation():
     state, metrics = step_fn(state, _batch())
     state, metrics = step_fn(state, _batch(seed=1))
     expected = {"loss": jnp.float32, "grad_norm": jnp.float32, "loss_scale": jnp.float32, "skipped": jnp.int32,
-                "grads_finite": jnp.int32, "mean_pred": jnp.float32}
+                "grads_finite": jnp.int32, "update_finite": jnp.int32, "mean_pred": jnp.float32}
     assert {k: v.dtype for k, v in metrics.items()} == expected
     assert all(v.shape == () for v in metrics.values())
     assert state.params["w"].dtype == jnp.float32 and int(state.step) == 2
