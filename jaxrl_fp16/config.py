@@ -1,17 +1,30 @@
 """The run config: typed, validated dataclasses composed from YAML with dotted `key=value` overrides.
 
 One key, `precision` (a policy string such as `fp16-mixed`), sets the trainer's compute dtype and the sampler's.
-Unknown keys, wrong types and bad values fail before any work, naming the key and the valid choices.
+Unknown keys, wrong types and bad values fail before any work, naming the key and the valid choices: every
+section checks its own fields and `RunConfig` the rules across sections, so whatever the trainers later build
+from the config (loss scale, optimizer, sampler, task) cannot fail on a config value.
+
+Every float field holds a finite number: none takes inf to mean "no limit" (a disabled limit is null where the
+key allows it, e.g. `optim.max_grad_norm`, `critic.value_clip`). Interpolations may reference other keys
+(`${train.iterations}`), but resolvers (`${oc.env:VAR}`, any `${name:...}`) are refused: the resolved config is
+written to the run folder, and a shared config must not copy the environment (secrets) there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
+import types
+import typing
 from typing import Any, Optional, Sequence
 
+import numpy as np
+import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, GrammarParseError, OmegaConfBaseException
 
 from jaxrl_fp16.models.config import Numerics
 from jaxrl_fp16.precision import get_policy
@@ -34,6 +47,83 @@ def _positive(section: str, **values: Any) -> None:
             raise ConfigError(f"{section}.{name} must be > 0, got {value!r}")
 
 
+def _non_negative(section: str, **values: Any) -> None:
+    for name, value in values.items():
+        if not value >= 0:
+            raise ConfigError(f"{section}.{name} must be >= 0, got {value!r}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    """(X, True) for Optional[X] / X | None, else (tp, False)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _describe(tp: Any) -> str:
+    """How a field's type reads in an error message."""
+    tp, optional = _unwrap_optional(tp)
+    if dataclasses.is_dataclass(tp):
+        text = f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(tp))}"
+    elif typing.get_origin(tp) is list:
+        item = typing.get_args(tp)[0]
+        text = f"a list of {({int: 'integers', str: 'strings'}).get(item, str(item))}, e.g. [a, b]"
+    elif typing.get_origin(tp) is dict:
+        text = "a mapping"
+    else:
+        text = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+    return text + " or null" if optional else text
+
+
+def _check_value(key: str, tp: Any, value: Any) -> None:
+    """Refuses `value` at `key` unless it has the annotated type `tp` (scalars and lists of scalars)."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if not optional:
+            raise ConfigError(f"{key} may not be null; expected {_describe(tp)}")
+        return
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be {_describe(tp)}, got {value!r}")
+        for i, item in enumerate(value):
+            _check_value(f"{key}[{i}]", typing.get_args(tp)[0], item)
+        return
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number (no key takes inf or nan; a limit that "
+                              f"can be switched off is null)")
+        return
+    if tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp in (bool, str):
+        ok = isinstance(value, tp)
+    else:
+        return  # sections and mappings validate themselves
+    if not ok:
+        raise ConfigError(f"{key} must be {_describe(tp)}, got {value!r}")
+
+
+def _check_fields(obj: Any, prefix: str) -> None:
+    """Refuses a field whose value does not have its annotated type (bools are not ints, floats are finite),
+    naming the dotted key; every section calls it first, so its own checks compare numbers only."""
+    hints = _field_types(type(obj))
+    for f in dataclasses.fields(obj):
+        _check_value(_join(prefix, f.name), hints[f.name], getattr(obj, f.name))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TinyModelConfig:
     """A tiny random model built locally when `model.path` is not set (see `jaxrl-fp16 make-tiny`)."""
@@ -50,8 +140,24 @@ class TinyModelConfig:
     seed: int = 0
 
     def __post_init__(self):
+        from jaxrl_fp16.models.tiny import EOS_TOKEN, PAD_TOKEN
+
+        _check_fields(self, "model.tiny")
         if self.arch not in ("qwen2", "qwen3", "llama"):
             raise ConfigError(f"model.tiny.arch={self.arch!r}; valid: qwen2, qwen3, llama")
+        _positive("model.tiny", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                  intermediate_size=self.intermediate_size, num_layers=self.num_layers, num_heads=self.num_heads,
+                  num_kv_heads=self.num_kv_heads, max_position_embeddings=self.max_position_embeddings)
+        tokens = 256 + len((EOS_TOKEN, PAD_TOKEN))  # the character tokenizer: one token per byte, EOS and PAD
+        if self.vocab_size < tokens:
+            raise ConfigError(f"model.tiny.vocab_size={self.vocab_size} is smaller than the tokenizer's {tokens} "
+                              f"tokens")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError(f"model.tiny.hidden_size={self.hidden_size} must be num_heads={self.num_heads} "
+                              f"times an even head size (RoPE rotates pairs)")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.tiny.num_heads={self.num_heads} must be a multiple of "
+                              f"model.tiny.num_kv_heads={self.num_kv_heads}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,8 +173,11 @@ class SFTSection:
     seed: int = 0
 
     def __post_init__(self):
-        _positive("sft", steps=self.steps, batch_size=self.batch_size, lr=self.lr, num_problems=self.num_problems)
-        _check_policy("sft.precision", self.precision)
+        _check_fields(self, "model.warm_start")
+        _positive("model.warm_start", steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                  num_problems=self.num_problems)
+        _non_negative("model.warm_start", warmup_steps=self.warmup_steps)
+        _check_policy("model.warm_start.precision", self.precision)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,7 +193,11 @@ class ModelSection:
     fp32_ops: list[str] = dataclasses.field(default_factory=list)  # Numerics overrides (op classes in FP32)
 
     def __post_init__(self):
-        Numerics.from_overrides(self.fp32_ops)  # validates the names
+        _check_fields(self, "model")
+        try:
+            Numerics.from_overrides(self.fp32_ops)  # validates the names
+        except ValueError as e:
+            raise ConfigError(f"model.fp32_ops: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -98,11 +211,17 @@ class TaskSection:
     seed: int = 1234
 
     def __post_init__(self):
-        from jaxrl_fp16.rl.tasks import TASKS
+        from jaxrl_fp16.rl.tasks import TASKS, OptionError, make_task
 
+        _check_fields(self, "task")
         if self.name not in TASKS:
             raise ConfigError(f"task.name={self.name!r}; valid: {', '.join(sorted(TASKS))}")
         _positive("task", num_problems=self.num_problems)
+        try:
+            make_task(self.name, **self.options)  # cheap: validates the options' names, types and ranges
+        except OptionError as e:
+            keys = ", ".join(f"task.options.{k}" for k in e.keys) or "task.options"
+            raise ConfigError(f"{keys}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -120,6 +239,7 @@ class PerfectibleSection:
     sampler: str = "jax"
 
     def __post_init__(self):
+        _check_fields(self, "perfectible")
         if self.sampler not in ("jax", "run"):
             raise ConfigError(f"perfectible.sampler={self.sampler!r}; valid: jax, run")
         if not 0 <= self.low <= self.high <= 1:
@@ -141,21 +261,28 @@ class SamplerSection:
     tensor_parallel_size: int = 1  # vllm: GPUs per engine (tensor parallelism inside vLLM)
 
     def __post_init__(self):
+        from jaxrl_fp16.precision import as_dtype
         from jaxrl_fp16.sampling import SAMPLERS
 
+        _check_fields(self, "sampler")
         if self.name not in SAMPLERS:
             raise ConfigError(f"sampler.name={self.name!r}; valid: {', '.join(SAMPLERS)}")
         if self.temperature <= 0:
             raise ConfigError(f"sampler.temperature must be > 0 for RL (sampling), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"sampler.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"sampler.top_k must be >= 0 (0 disables it), got {self.top_k}")
         _positive("sampler", max_new_tokens=self.max_new_tokens, max_batch_size=self.max_batch_size,
                   tensor_parallel_size=self.tensor_parallel_size)
         if self.tensor_parallel_size != 1 and self.name != "vllm":
             raise ConfigError(f"sampler.tensor_parallel_size={self.tensor_parallel_size} needs sampler.name=vllm "
                               f"(got {self.name!r})")
         if self.dtype is not None:
-            _check_policy("sampler.dtype", self.dtype)
+            try:
+                as_dtype(self.dtype)
+            except ValueError as e:
+                raise ConfigError(f"sampler.dtype={self.dtype!r}: {e}") from None
 
     def settings(self, samples_per_prompt: int, seed: int):
         """The `SamplingSettings` of this section for one generate call."""
@@ -178,12 +305,19 @@ class OptimSection:
     warmup_steps: int = 0
 
     def __post_init__(self):
+        _check_fields(self, "optim")
         _positive("optim", lr=self.lr)
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        _non_negative("optim", eps=self.eps, weight_decay=self.weight_decay, warmup_steps=self.warmup_steps)
         if self.max_grad_norm is not None:
             _positive("optim", max_grad_norm=self.max_grad_norm)
 
 
 LOSS_SCALE_KINDS = ("auto", "dynamic", "static", "none")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_INT32_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -199,9 +333,25 @@ class LossScaleSection:
     max_scale: float = 2.0 ** 24
 
     def __post_init__(self):
+        _check_fields(self, "loss_scale")
         if self.kind not in LOSS_SCALE_KINDS:
             raise ConfigError(f"loss_scale.kind={self.kind!r}; valid: {', '.join(LOSS_SCALE_KINDS)}")
-        _positive("loss_scale", init_scale=self.init_scale, period=self.period, min_scale=self.min_scale)
+        _positive("loss_scale", init_scale=self.init_scale, period=self.period, min_scale=self.min_scale,
+                  max_scale=self.max_scale)
+        for name in ("init_scale", "min_scale", "max_scale", "factor"):
+            if getattr(self, name) > _FLOAT32_MAX:  # the loss scale state is float32
+                raise ConfigError(f"loss_scale.{name}={getattr(self, name)} overflows float32 (max "
+                                  f"{_FLOAT32_MAX:.4g})")
+        if self.period > _INT32_MAX:
+            raise ConfigError(f"loss_scale.period={self.period} overflows int32 (max {_INT32_MAX})")
+        if self.kind in ("auto", "dynamic"):  # auto is dynamic for float16 compute
+            if not self.factor > 1:
+                raise ConfigError(f"loss_scale.factor must be > 1 for a dynamic loss scale (loss_scale.kind="
+                                  f"{self.kind}), got {self.factor}")
+            if not self.min_scale <= self.init_scale <= self.max_scale:
+                raise ConfigError(f"loss_scale: need min_scale <= init_scale <= max_scale for a dynamic loss scale "
+                                  f"(loss_scale.kind={self.kind}), got loss_scale.min_scale={self.min_scale}, "
+                                  f"loss_scale.init_scale={self.init_scale}, loss_scale.max_scale={self.max_scale}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -214,6 +364,7 @@ class TrainSection:
     normalize_advantage_std: bool = False
 
     def __post_init__(self):
+        _check_fields(self, "train")
         _positive("train", iterations=self.iterations, prompts_per_iteration=self.prompts_per_iteration,
                   samples_per_prompt=self.samples_per_prompt,
                   minibatches_per_iteration=self.minibatches_per_iteration, microbatches=self.microbatches)
@@ -226,6 +377,9 @@ class TrainSection:
                               f"split into microbatches={self.microbatches}")
 
 
+EXPORT_DTYPES = ("float32", "float16", "bfloat16")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointSection:
     every: int = 10  # iterations between checkpoints (and at the end)
@@ -234,13 +388,19 @@ class CheckpointSection:
     export_dtype: str = "float32"
 
     def __post_init__(self):
+        _check_fields(self, "checkpoint")
         _positive("checkpoint", every=self.every, keep=self.keep)
+        if self.export_dtype not in EXPORT_DTYPES:
+            raise ConfigError(f"checkpoint.export_dtype={self.export_dtype!r}; valid: {', '.join(EXPORT_DTYPES)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LogSection:
     tensorboard: bool = True
     progress: bool = True
+
+    def __post_init__(self):
+        _check_fields(self, "log")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -253,6 +413,7 @@ class MeshSection:
     tensor: int = 1
 
     def __post_init__(self):
+        _check_fields(self, "mesh")
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
         for name, size in sizes.items():
             if size < 1 and size != -1:
@@ -283,6 +444,7 @@ class DistributedSection:
     process_id: Optional[int] = None
 
     def __post_init__(self):
+        _check_fields(self, "distributed")
         given = [k for k in ("coordinator_address", "num_processes", "process_id") if getattr(self, k) is not None]
         if given and not self.enabled:
             raise ConfigError(f"distributed.{given[0]} is set but distributed.enabled=false; set "
@@ -301,6 +463,12 @@ class DistributedSection:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DebugSection:
     inject_overflow_steps: list[int] = dataclasses.field(default_factory=list)  # optimizer steps made non-finite
+
+    def __post_init__(self):
+        _check_fields(self, "debug")
+        if any(step < 0 for step in self.inject_overflow_steps):
+            raise ConfigError(f"debug.inject_overflow_steps are optimizer steps (>= 0), got "
+                              f"{list(self.inject_overflow_steps)}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -321,6 +489,7 @@ class DPOSection:
     seed: int = 0  # pair generation and data order
 
     def __post_init__(self):
+        _check_fields(self, "dpo")
         _positive("dpo", num_pairs=self.num_pairs, eval_pairs=self.eval_pairs, steps=self.steps,
                   batch_size=self.batch_size, microbatches=self.microbatches, eval_every=self.eval_every)
         if self.batch_size % self.microbatches:
@@ -349,6 +518,7 @@ class LoRASection:
     targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
 
     def __post_init__(self):
+        _check_fields(self, "lora")
         self.spec()  # validates rank, alpha and the target names
 
     def spec(self):
@@ -380,10 +550,29 @@ class RunConfig:
     lora: Optional[LoRASection] = None  # adapters only; null: full fine-tuning
 
     def __post_init__(self):
+        from jaxrl_fp16.precision import as_dtype
+
+        _check_fields(self, "")
+        _check_fields(self.loss, "loss")  # sections defined with their algorithms check their own ranges
+        _check_fields(self.critic, "critic")
         _check_policy("precision", self.precision)
         if self.critic.enabled and self.loss.algorithm == "gspo":
             raise ConfigError("critic.enabled=true gives per-token advantages, but loss.algorithm=gspo takes one "
                               "per sequence; use a token-level loss (grpo is PPO-clip)")
+        if self.train.samples_per_prompt < 2 and not self.critic.enabled:
+            raise ConfigError(f"train.samples_per_prompt={self.train.samples_per_prompt}: the group advantages "
+                              f"(a reward minus its prompt's mean) need >= 2 samples per prompt, else every "
+                              f"advantage is 0 and nothing trains; raise it, or use PPO's GAE (critic.enabled=true)")
+        s = self.sampler
+        compute = self.policy.compute_dtype
+        if s.dtype is not None and as_dtype(s.dtype) != compute and not s.allow_dtype_mismatch:
+            raise ConfigError(f"sampler.dtype={s.dtype} differs from the compute dtype of precision={self.precision} "
+                              f"({np.dtype(compute).name}): the rollout policy would not be the training policy; "
+                              f"set sampler.allow_dtype_mismatch=true to study the mismatch")
+        context = self.model.tiny.max_position_embeddings
+        if self.model.path is None and s.max_new_tokens >= context:
+            raise ConfigError(f"sampler.max_new_tokens={s.max_new_tokens} leaves no room for a prompt in the tiny "
+                              f"model's context (model.tiny.max_position_embeddings={context})")
 
     @property
     def policy(self):
@@ -416,14 +605,75 @@ def _section_keys(schema, dotted: str) -> list[str]:
     return sorted(str(k) for k in node.keys()) if OmegaConf.is_dict(node) else []
 
 
-def _load_yaml_layers(path: str | os.PathLike, seen: tuple[str, ...] = ()) -> list:
-    """The YAML file and, first, the files it names in its top-level `base:` key (relative to it)."""
+def _schema_type(dotted: str) -> Any:
+    """The annotated type of a dotted `RunConfig` key (None where it is no dataclass field, e.g. a task option)."""
+    tp: Any = RunConfig
+    for part in dotted.split("[")[0].split("."):
+        tp = _unwrap_optional(tp)[0]
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = _field_types(tp).get(part)
+    return tp
+
+
+def _bad_value(key: str, message: str) -> ConfigError:
+    tp = _schema_type(key)
+    expected = f" (expected {_describe(tp)})" if tp is not None else ""
+    return ConfigError(f"bad value for config key {key!r}: {message}{expected}")
+
+
+def _first_line(e: BaseException) -> str:
+    return str(getattr(e, "msg", None) or e).strip().splitlines()[0]
+
+
+def _resolver_names(text: str) -> list[str]:
+    """The resolvers a string value calls (['oc.env'] for '${oc.env:HOME}'); [] for plain `${key}` references."""
+    from omegaconf import grammar_parser
+    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+
+    names = []
+
+    def walk(node):
+        if isinstance(node, OmegaConfGrammarParser.InterpolationResolverContext):
+            names.append(node.resolverName().getText())
+        for child in getattr(node, "children", None) or ():
+            walk(child)
+
+    walk(grammar_parser.parse(text))
+    return names
+
+
+def _refuse_resolvers(value: Any, key: str = "") -> None:
+    """Refuses resolver interpolations anywhere in an unresolved config container, naming the key."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_resolvers(v, _join(key, str(k)))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_resolvers(v, f"{key}[{i}]")
+    elif isinstance(value, str) and "${" in value:
+        try:
+            names = _resolver_names(value)
+        except GrammarParseError as e:
+            raise ConfigError(f"{key}={value!r} is not a valid interpolation: {_first_line(e)}") from None
+        if names:
+            raise ConfigError(f"{key}={value!r} calls the resolver {names[0]!r}: resolvers (${{oc.env:...}}, "
+                              f"${{name:...}}) are refused, since the resolved config is written to the run folder; "
+                              f"write the value, or reference another key as ${{section.key}}")
+
+
+def _load_yaml_layers(path: str | os.PathLike, seen: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
+    """(path, config) of the YAML file and, first, of the files it names in its top-level `base:` key (relative
+    to it)."""
     path = os.path.abspath(path)
     if path in seen:
         raise ConfigError(f"config files include each other: {' -> '.join(seen + (path,))}")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} does not exist")
-    layer = OmegaConf.load(path)
+    try:
+        layer = OmegaConf.load(path)  # a safe YAML loader: python tags (!!python/...) are refused
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {_first_line(e)}") from None
     if not OmegaConf.is_dict(layer):
         raise ConfigError(f"config file {path} must hold a mapping of keys")
     base = layer.pop("base", None)
@@ -431,7 +681,30 @@ def _load_yaml_layers(path: str | os.PathLike, seen: tuple[str, ...] = ()) -> li
     layers = []
     for b in bases:
         layers += _load_yaml_layers(os.path.join(os.path.dirname(path), b), seen + (path,))
-    return layers + [layer]
+    return layers + [(path, layer)]
+
+
+def _parse_overrides(overrides: Sequence[str]):
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r} is not a valid YAML value: {_first_line(e)}") from None
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def _merge_error(base, source: str, overrides: Sequence[str], e: OmegaConfBaseException) -> ConfigError:
+    """A merge error that names no key: name the override at fault, or the file."""
+    if source == "overrides":
+        for item in overrides:
+            try:
+                OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
+            except OmegaConfBaseException as item_error:
+                key = item.partition("=")[0]
+                return _bad_value(key, f"override {item!r}: {_first_line(item_error)}")
+    return ConfigError(f"bad config in {source}: {_first_line(e)}")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> RunConfig:
@@ -440,25 +713,26 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     A config file may start from others: a top-level `base: other.yaml` (or a list) is merged first.
     """
     schema = _schema()
-    layers = [schema]
     try:
-        if path is not None:
-            layers += _load_yaml_layers(path)
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not of the form key=value")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
+        layers = _load_yaml_layers(path) if path is not None else []
+        layers.append(("overrides", _parse_overrides(overrides)))
+        merged = schema
+        for source, layer in layers:
+            try:
+                merged = OmegaConf.merge(merged, layer)
+            except OmegaConfBaseException as e:
+                if isinstance(e, ConfigKeyError) or getattr(e, "full_key", None):
+                    raise
+                raise _merge_error(merged, source, overrides, e) from None
+        _refuse_resolvers(OmegaConf.to_container(merged, resolve=False))
         return OmegaConf.to_object(merged)
     except ConfigKeyError as e:
         parent = str(e.full_key or "").rpartition(".")[0]
         valid = _section_keys(schema, parent)
         raise ConfigError(f"unknown config key {e.full_key!r}; valid keys here: {', '.join(valid)}") from None
     except OmegaConfBaseException as e:
-        message = str(getattr(e, "msg", e)).splitlines()[0]
         key = getattr(e, "full_key", None)
-        raise ConfigError(f"bad value for config key {key!r}: {message}" if key else
-                          f"bad config: {message}") from None
+        raise (_bad_value(key, _first_line(e)) if key else ConfigError(f"bad config: {_first_line(e)}")) from None
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:

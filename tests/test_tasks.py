@@ -9,8 +9,8 @@ import pytest
 
 from jaxrl_fp16.models.tiny import CHARS, EOS_TOKEN
 from jaxrl_fp16.rl import rewards
-from jaxrl_fp16.rl.tasks import (MATH_DATASETS, TASKS, PerfectibleSet, Problem, Task, build_perfectible_set,
-                                 make_task, pass_rates, score_responses, select_perfectible)
+from jaxrl_fp16.rl.tasks import (MATH_DATASETS, TASKS, OptionError, PerfectibleSet, Problem, Task,
+                                 build_perfectible_set, make_task, pass_rates, score_responses, select_perfectible)
 
 SYNTHETIC = ["addition", "reverse", "sort_digits", "count"]
 
@@ -69,8 +69,40 @@ def test_unknown_option_lists_valid_options():
     ("math", {"dataset_options": {"seed": 3}}),
 ])
 def test_bad_options_raise(name, options):
-    with pytest.raises(ValueError):
+    with pytest.raises(OptionError) as e:
         make_task(name, **options)
+    assert set(e.value.keys) & set(options)  # names an option at fault
+
+
+@pytest.mark.parametrize("name, options, key, words", [
+    ("addition", {"max_digits": "abc"}, "max_digits", "must be an integer, got 'abc'"),
+    ("addition", {"max_digits": 2.0}, "max_digits", "must be an integer"),
+    ("addition", {"max_digits": True}, "max_digits", "must be an integer, got True"),
+    ("addition", {"truncated_reward": "nan"}, "truncated_reward", "must be a finite number"),
+    ("addition", {"truncated_reward": float("inf")}, "truncated_reward", "must be a finite number"),
+    ("addition", {"truncated_reward": False}, "truncated_reward", "must be a finite number"),
+    ("count", {"partial_credit": "yes"}, "partial_credit", "true or false"),
+    ("reverse", {"alphabet": 12}, "alphabet", "must be a string"),
+    ("sort_digits", {"descending": 1}, "descending", "true or false"),
+    ("math", {"use_math_verify": "no"}, "use_math_verify", "true or false or null"),
+    ("math", {"dataset_options": "min_terms=2"}, "dataset_options", "mapping"),
+    ("math", {"dataset_options": {"difficulty": float("nan")}}, "dataset_options", "non-finite"),
+    ("math", {"dataset_options": {"ranges": [1.0, float("inf")]}}, "dataset_options", "non-finite"),
+    ("math", {"dataset": "arc_1d"}, "dataset", "gsm_symbolic"),
+    ("addition", {"max_digit": 2}, "max_digit", "valid: max_digits, min_digits"),
+])
+def test_option_types_are_checked_naming_the_option(name, options, key, words):
+    with pytest.raises(OptionError, match=words) as e:
+        make_task(name, **options)
+    assert e.value.keys == (key,) and key in str(e.value)
+
+
+def test_well_typed_options_build_without_generating():
+    assert make_task("addition", truncated_reward=-1).truncated_reward == -1  # an int is a number
+    assert make_task("math", use_math_verify=None, dataset_options={"difficulty": 1.0}).use_math_verify is None
+    with pytest.raises(OptionError) as e:
+        make_task("addition", min_digits=3, max_digits=2)
+    assert e.value.keys == ("min_digits", "max_digits")
 
 
 # --------------------------------------------------------------------------------------------------- generation

@@ -61,6 +61,7 @@ Conventions:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -111,24 +112,31 @@ class LossConfig:
     kl_coef: float = 0.0
 
     def __post_init__(self):
+        # Errors name the run config's keys (`loss.<field>`). Every float is a finite number: none of them takes
+        # inf to mean "no limit" (an unbounded clip or cap would let one token's ratio overflow the loss).
         if self.algorithm not in LOSSES:
-            raise ValueError(f"unknown algorithm {self.algorithm!r}; valid: {', '.join(LOSSES)}")
+            raise ValueError(f"loss.algorithm={self.algorithm!r} is unknown; valid: {', '.join(LOSSES)}")
         if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {self.aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+            raise ValueError(f"loss.aggregation={self.aggregation!r} is unknown; valid: {', '.join(AGGREGATIONS)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ValueError(f"loss.{f.name} must be a finite number, got {value!r}")
         for name in ("eps_low", "gspo_eps_low"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+                raise ValueError(f"loss.{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("eps_high", "gspo_eps_high", "kl_coef"):
             if not getattr(self, name) >= 0.0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("is_cap", "log_ratio_clamp"):
             if not getattr(self, name) > 0.0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ValueError(f"loss.{name} must be > 0, got {getattr(self, name)}")
         length = self.max_response_len
         if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length <= 0):
-            raise ValueError(f"max_response_len must be a positive int, got {length!r}")
+            raise ValueError(f"loss.max_response_len must be a positive int, got {length!r}")
         if self.aggregation == "seq-mean-token-sum-norm" and length is None:
-            raise ValueError("aggregation 'seq-mean-token-sum-norm' needs max_response_len")
+            raise ValueError("loss.aggregation='seq-mean-token-sum-norm' needs loss.max_response_len")
 
 
 class _Batch(NamedTuple):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -58,6 +59,12 @@ class CriticConfig:
     whiten_advantages: bool = True  # (A - mean) / std over the batch's response tokens
 
     def __post_init__(self):
+        # Every float is a finite number (an unclipped value loss is value_clip=None, not inf).
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("float", "float | None") and value is not None and (
+                    isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+                raise ValueError(f"critic.{f.name} must be a finite number, got {value!r}")
         for name in ("gamma", "lam"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"critic.{name} must be in [0, 1], got {getattr(self, name)}")

@@ -24,9 +24,12 @@ reward) lies in [low, high] (20-80% in the paper); a sound pipeline then drives 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import string
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -35,11 +38,73 @@ import numpy as np
 from jaxrl_fp16.rl.rewards import clean_response, exact_match_reward, extract_final_answer, math_answers_equal
 
 __all__ = ["Problem", "Task", "Addition", "Reverse", "SortDigits", "Count", "MathWordProblems", "MATH_DATASETS",
-           "TASKS", "make_task", "score_responses", "pass_rates", "select_perfectible", "PerfectibleSet",
+           "TASKS", "OptionError", "make_task", "score_responses", "pass_rates", "select_perfectible", "PerfectibleSet",
            "build_perfectible_set"]
 
 # reasoning-gym datasets whose answers are single numbers (what the math checker compares).
 MATH_DATASETS = ("gsm_symbolic", "basic_arithmetic", "chain_sum")
+
+
+class OptionError(ValueError):
+    """A task option that cannot be used; `keys` names the options at fault."""
+
+    def __init__(self, message: str, *keys: str):
+        super().__init__(message)
+        self.keys = keys
+
+
+def _type_name(tp: Any) -> str:
+    """How an option's annotated type reads in an error ("an integer", "true or false or null", ...)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join([_type_name(a) for a in args] + ["null"] * (len(args) < len(typing.get_args(tp))))
+    if typing.get_origin(tp) in (Mapping, dict):
+        return "a mapping of names to values"
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _matches(tp: Any, value: Any) -> bool:
+    """Whether `value` has the annotated type `tp` (ints are not bools, floats are finite numbers)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_matches(a, value) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is Any:
+        return True
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typing.get_origin(tp) in (Mapping, dict):
+        return isinstance(value, Mapping) and all(isinstance(k, str) for k in value)
+    return isinstance(value, tp)
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether a nested option value holds a float that is not finite."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, Mapping):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
+@functools.cache
+def _option_types(factory: type) -> dict[str, Any]:
+    return typing.get_type_hints(factory)
+
+
+def _check_option_types(factory: type, options: Mapping[str, Any]) -> None:
+    """Refuses an option whose value does not have its field's type (ints are ints, floats finite numbers)."""
+    hints = _option_types(factory)
+    for key, value in options.items():
+        tp = hints[key]
+        if not _matches(tp, value):
+            raise OptionError(f"{factory.name}: option {key} must be {_type_name(tp)}, got {value!r}", key)
+        if _non_finite(value):
+            raise OptionError(f"{factory.name}: option {key} holds a non-finite number: {value!r}", key)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -80,8 +145,7 @@ class _TaskBase:
     truncated_reward: float = 0.0
 
     def __post_init__(self):
-        if not math.isfinite(self.truncated_reward):
-            raise ValueError(f"truncated_reward must be finite, got {self.truncated_reward}")
+        _check_option_types(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     def generate(self, n: int, seed: int) -> list[Problem]:
         if n < 0:
@@ -121,7 +185,8 @@ class _SyntheticTask(_TaskBase):
 
 def _check_range(task: str, lo_name: str, lo: int, hi_name: str, hi: int, minimum: int) -> None:
     if not minimum <= lo <= hi:
-        raise ValueError(f"{task}: need {minimum} <= {lo_name} <= {hi_name}, got {lo_name}={lo}, {hi_name}={hi}")
+        raise OptionError(f"{task}: need {minimum} <= {lo_name} <= {hi_name}, got {lo_name}={lo}, {hi_name}={hi}",
+                          lo_name, hi_name)
 
 
 def _random_number(rng: random.Random, digits: int) -> int:
@@ -154,8 +219,8 @@ class Addition(_SyntheticTask):
 def _check_alphabet(task: str, alphabet: str) -> None:
     bad = [c for c in alphabet if c.isspace() or c == "=" or not c.isascii() or not c.isprintable()]
     if not alphabet or bad or len(set(alphabet)) != len(alphabet):
-        raise ValueError(f"{task}: alphabet must be distinct printable ASCII characters, no whitespace or '=', "
-                         f"got {alphabet!r}")
+        raise OptionError(f"{task}: alphabet must be distinct printable ASCII characters, no whitespace or '=', "
+                          f"got {alphabet!r}", "alphabet")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -262,10 +327,11 @@ class MathWordProblems(_TaskBase):
     def __post_init__(self):
         super().__post_init__()
         if self.dataset not in MATH_DATASETS:
-            raise ValueError(f"math: unknown dataset {self.dataset!r}; valid: {', '.join(MATH_DATASETS)}")
+            raise OptionError(f"math: unknown dataset {self.dataset!r}; valid: {', '.join(MATH_DATASETS)}", "dataset")
         reserved = {"seed", "size"} & set(self.dataset_options)
         if reserved:
-            raise ValueError(f"math: dataset_options may not set {sorted(reserved)} (generate sets them)")
+            raise OptionError(f"math: dataset_options may not set {sorted(reserved)} (generate sets them)",
+                              "dataset_options")
 
     def generate(self, n: int, seed: int) -> list[Problem]:
         if n < 0:
@@ -310,7 +376,14 @@ TASKS: dict[str, Callable[..., Task]] = {
 
 
 def make_task(name: str, **options: Any) -> Task:
-    """The task registered as `name`, built with `options` (its keyword fields, e.g. max_digits=2)."""
+    """The task registered as `name`, built with `options` (its keyword fields, e.g. max_digits=2).
+
+    Cheap (problems are made by `generate`), so the run config builds its task to validate the options.
+
+    Raises:
+      OptionError: an unknown option, or one of the wrong type or out of range (`keys` names them).
+      ValueError: an unknown task.
+    """
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; valid: {', '.join(sorted(TASKS))}")
     factory = TASKS[name]
@@ -318,7 +391,8 @@ def make_task(name: str, **options: Any) -> Task:
         valid = sorted(f.name for f in dataclasses.fields(factory) if f.init)
         unknown = sorted(set(options) - set(valid))
         if unknown:
-            raise ValueError(f"task {name!r} has no option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+            raise OptionError(f"task {name!r} has no option(s) {', '.join(unknown)}; valid: {', '.join(valid)}",
+                              *unknown)
     return factory(**options)
 
 
