@@ -128,8 +128,10 @@ def merge_params(base: Mapping, adapters: Mapping, spec: LoRASpec) -> dict:
     """`base` with every targeted kernel replaced by W + A @ (scale * B), computed in FP32 (HIGHEST precision).
 
     Other leaves are returned as they are (their own dtype). In HF layout the merged weight is
-    W + scale * B @ A, the product formed with B already scaled (an order that XLA and numpy both keep, so the
-    merge is reproducible to the bit; a product scaled afterwards would be contracted into an FMA).
+    W + scale * B @ A, the product formed with B already scaled (a product scaled afterwards would be contracted
+    into an FMA). Reproducible to the bit for the same compiled code on the same CPU; against another library's
+    matmul (numpy's) it agrees within FP32 rounding, as the kernels' summation order depends on the instruction
+    set.
     """
     out = dict(base)
     scale = jnp.float32(spec.scale)
