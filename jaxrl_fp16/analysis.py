@@ -131,9 +131,9 @@ def load_prompts(path: str | os.PathLike, model_dir: str | None = None) -> list[
     if texts:
         if model_dir is None:
             raise ValueError(f"{path} holds text prompts: a model directory with a tokenizer is needed")
-        from transformers import AutoTokenizer
+        from jaxrl_fp16.models.hf import load_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        tok = load_tokenizer(model_dir)
         for i, text in texts:
             prompts[i] = tok(text, add_special_tokens=False)["input_ids"]
     if not prompts:

@@ -22,6 +22,7 @@ from jaxrl_fp16.models.config import ModelConfig
 from jaxrl_fp16.models.hf import (CheckpointError, expected_params_shapes, hf_state_dict, load_hf_params,
                                   save_hf_params)
 from jaxrl_fp16.models.tiny import CHARS, make_tiny
+from jaxrl_fp16.outputs import OUTPUT_MARKER
 
 _SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_layers=2, max_position_embeddings=256)
 FAMILIES = {
@@ -89,8 +90,8 @@ def test_roundtrip_gives_bit_identical_transformers_model(family, tiny_dirs, ref
         assert torch.equal(a, b), name
     assert ModelConfig.from_hf_dir(out) == cfg
     assert got.config.tie_word_embeddings == cfg.tie_word_embeddings
-    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors",
-                                       "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(os.listdir(out)) == [OUTPUT_MARKER, "config.json", "generation_config.json",
+                                       "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     assert os.listdir(tmp_path) == ["out"]  # no temporary folder left behind
 
 
@@ -201,14 +202,14 @@ def test_sharded_export_loads_in_transformers(imported, references, tmp_path):
     _assert_params_equal(load_hf_params(out)[1], params)
 
 
-def test_export_replaces_existing_output(imported, tmp_path):
+def test_export_replaces_its_own_earlier_output(imported, tmp_path):
     cfg, params = imported["qwen2_untied"]
     out = tmp_path / "out"
     save_hf_params(params, cfg, out, max_shard_bytes=40_000)
-    (out / "stale.txt").write_text("old")
     doubled = jax.tree.map(lambda x: 2 * x, params)
-    save_hf_params(doubled, cfg, out, dtype="bfloat16")
-    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
+    save_hf_params(doubled, cfg, out, dtype="bfloat16")  # the shards and their index go
+    assert sorted(os.listdir(out)) == [OUTPUT_MARKER, "config.json", "generation_config.json",
+                                       "model.safetensors"]
     assert os.listdir(tmp_path) == ["out"]
     _assert_params_equal(load_hf_params(out)[1], jax.tree.map(
         lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float32), doubled))
@@ -277,6 +278,70 @@ def test_checkpoint_errors_name_the_tensor(case, tiny_dirs, tmp_path):
         load_hf_params(path)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_damaged_safetensors_file_is_named(damage, tiny_dirs, tmp_path):
+    path = shutil.copytree(tiny_dirs["qwen2_tied"], tmp_path / "bad")
+    file = os.path.join(path, "model.safetensors")
+    data = open(file, "rb").read()
+    data = {"truncated": data[: len(data) // 2], "garbage": b"not a tensor file " * 50, "empty": b""}[damage]
+    open(file, "wb").write(data)
+    with pytest.raises(hf.CorruptCheckpointError, match=rf"cannot read {file}: the file is truncated or not a "
+                                                        rf"valid safetensors file"):
+        load_hf_params(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_pytorch_bin_file_is_named(damage, references, tmp_path):
+    model = references["qwen2_untied"]
+    model.config.save_pretrained(tmp_path)
+    file = tmp_path / "pytorch_model.bin"
+    torch.save(model.state_dict(), file)
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x80\x02garbage" * 40)
+    with pytest.raises(hf.CorruptCheckpointError, match=rf"cannot read {file}: .* not a valid PyTorch file"):
+        load_hf_params(tmp_path)
+
+
+def test_a_damaged_index_is_named(tiny_dirs, tmp_path):
+    path = shutil.copytree(tiny_dirs["qwen2_tied"], tmp_path / "bad")
+    index = os.path.join(path, "model.safetensors.index.json")
+    open(index, "w").write('{"weight_map": ')
+    with pytest.raises(hf.CorruptCheckpointError, match=rf"{index} is not a valid index"):
+        load_hf_params(path)
+
+
+def test_non_finite_weights_are_named(tiny_dirs, tmp_path):
+    def poison(t):
+        t["model.layers.0.mlp.up_proj.weight"][3, :2] = np.nan
+        t["model.norm.weight"][5] = -np.inf
+
+    path = _rewrite(tiny_dirs["qwen2_tied"], tmp_path / "nan", poison)
+    with pytest.raises(hf.NonFiniteWeightsError) as info:
+        load_hf_params(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "allow_nonfinite=True" in message
+    assert "tensor 'model.layers.0.mlp.up_proj.weight' in model.safetensors has 2 NaN and 0 inf" in message
+    assert "tensor 'model.norm.weight' in model.safetensors has 0 NaN and 1 inf" in message
+    assert "embed_tokens" not in message  # only the tensors at fault
+    _, params = load_hf_params(path, allow_nonfinite=True)  # a deliberate study may load them
+    assert np.isnan(params["layers"]["mlp"]["up_proj"]["kernel"][0][:2, 3]).all()
+    assert params["final_norm"]["scale"][5] == -np.inf
+
+
+def test_a_folder_without_tokenizer_files_is_named(tiny_dirs, tmp_path):
+    path = shutil.copytree(tiny_dirs["qwen2_tied"], tmp_path / "no_tok",
+                           ignore=shutil.ignore_patterns("tokenizer*"))
+    with pytest.raises(hf.TokenizerNotFoundError, match=rf"{path} holds no tokenizer: expected tokenizer.json"):
+        hf.load_tokenizer(path)
+    from jaxrl_fp16.analysis import load_prompts
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("1+2=\n")
+    with pytest.raises(hf.TokenizerNotFoundError, match=rf"{path} holds no tokenizer"):
+        load_prompts(prompts, str(path))
+    assert hf.load_tokenizer(tiny_dirs["qwen2_tied"])("12")["input_ids"] == [1, 2]
+
+
 def test_tied_head_equal_to_embedding_is_accepted(tiny_dirs, imported, tmp_path):
     path = _rewrite(tiny_dirs["qwen2_tied"], tmp_path / "with_head",
                     lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
@@ -295,8 +360,8 @@ def test_config_mismatch_names_the_tensor(tiny_dirs):
 @pytest.mark.parametrize("family", ["qwen2_tied", "llama"])  # transformers rebuilds a qwen2 tokenizer itself
 def test_tiny_tokenizer_roundtrips_and_matches_config(family, tiny_dirs):
     path = tiny_dirs[family]
-    assert sorted(os.listdir(path)) == ["config.json", "generation_config.json", "model.safetensors",
-                                        "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(os.listdir(path)) == [OUTPUT_MARKER, "config.json", "generation_config.json",
+                                        "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     tok = AutoTokenizer.from_pretrained(path)
     cfg = ModelConfig.from_hf_dir(path)
     text = "Q: 12 + 30 = ?\nA: 42.\t" + CHARS

@@ -15,21 +15,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxrl_fp16.models.config import ModelConfig
+from jaxrl_fp16.outputs import TOKENIZER_FILES, atomic_dir
 
-__all__ = ["HF_TABLE", "Row", "CheckpointError", "expected_params_shapes", "hf_state_dict", "load_hf_params",
-           "save_hf_params", "atomic_dir"]
+__all__ = ["HF_TABLE", "Row", "CheckpointError", "CorruptCheckpointError", "NonFiniteWeightsError",
+           "TokenizerNotFoundError", "expected_params_shapes", "hf_state_dict", "load_hf_params", "save_hf_params",
+           "check_tokenizer_files", "load_tokenizer"]
 
 
 class Row(NamedTuple):
@@ -74,9 +76,6 @@ _TIED_HEAD = "lm_head.weight"
 _EMBED = "model.embed_tokens.weight"
 _DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
            "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja",
-                    "chat_template.json")
 _ST_SINGLE, _ST_INDEX = "model.safetensors", "model.safetensors.index.json"
 _PT_SINGLE, _PT_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
@@ -84,6 +83,14 @@ DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
 
 class CheckpointError(ValueError):
     """A checkpoint's tensors do not match the model config (missing, unexpected or mis-shaped tensors)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A weights file cannot be read (truncated, or not a safetensors / torch file)."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """A checkpoint holds NaN or infinite weights."""
 
 
 # ----- the table, expanded for one config -----
@@ -206,51 +213,25 @@ def _iter_state_dict(params: Mapping, cfg: ModelConfig, out_dtype: np.dtype) -> 
         yield name, np.array(x.T if row.transpose else x, dtype=out_dtype, order="C")
 
 
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike) -> Iterator[str]:
-    """Yields a fresh temporary sibling of `out_dir`; on success it replaces `out_dir`, on error it is removed.
-
-    An existing `out_dir` is moved aside only once the new folder is complete, and deleted after the new one is
-    in place, so a failure at any point leaves either the old folder or the new one, never a partial one.
-    """
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.lexists(out_dir) and (os.path.islink(out_dir) or not os.path.isdir(out_dir)):
-        raise FileExistsError(f"{out_dir} exists and is not a folder")
-    parent, base = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-    try:
-        yield tmp
-        if os.path.isdir(out_dir):
-            old = tmp + "-old"
-            os.rename(out_dir, old)
-            try:
-                os.rename(tmp, out_dir)
-            except BaseException:
-                os.rename(old, out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_hf_params(params: Mapping, cfg: ModelConfig, out_dir: str | os.PathLike, *, dtype: Any = "float32",
                    tokenizer_from: str | os.PathLike | None = None,
-                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+                   sources: Sequence[str | os.PathLike] = ()) -> str:
     """Writes a Hugging Face checkpoint folder that transformers and vLLM load.
 
     Args:
       params: the Flax parameter tree.
       cfg: its model config.
-      out_dir: the folder to write; an existing one is replaced atomically (see `atomic_dir`).
+      out_dir: the folder to write: new, empty, or one written here before (it holds our marker), which is
+        replaced atomically; anything else is refused (see `check_output_dir` and `atomic_dir`).
       dtype: storage dtype of the weights: "float32", "float16" or "bfloat16"; also written to config.json.
       tokenizer_from: a folder whose tokenizer files (tokenizer.json, tokenizer_config.json, vocab/merges,
         chat template, ...) are copied beside the weights.
       max_shard_bytes: above this size the weights are split into `model-0000k-of-0000N.safetensors` shards
         with a `model.safetensors.index.json`.
+      overwrite: also replace a folder without our marker that holds nothing but Hugging Face model files.
+      sources: folders the caller read from (a run directory, ...): `out_dir` may neither be nor hold one;
+        `tokenizer_from` is one.
 
     Returns:
       The absolute path of the written folder.
@@ -261,7 +242,8 @@ def save_hf_params(params: Mapping, cfg: ModelConfig, out_dir: str | os.PathLike
     tensors = hf_state_dict(params, cfg, out_dtype)  # validates before anything is written
     tok_files = _tokenizer_files(tokenizer_from) if tokenizer_from is not None else []
     out_dir = os.path.abspath(os.fspath(out_dir))
-    with atomic_dir(out_dir) as tmp:
+    sources = (*sources, *([tokenizer_from] if tokenizer_from is not None else []))
+    with atomic_dir(out_dir, overwrite=overwrite, sources=sources) as tmp:
         _write_weights(tensors, tmp, max_shard_bytes)
         hf_config = cfg.to_hf_dict()
         hf_config["torch_dtype"] = hf_config["dtype"] = out_dtype.name
@@ -275,9 +257,9 @@ def save_hf_params(params: Mapping, cfg: ModelConfig, out_dir: str | os.PathLike
 
 
 def _tokenizer_files(folder: str | os.PathLike) -> list[str]:
-    files = [os.path.join(folder, f) for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))]
+    files = [os.path.join(folder, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, f))]
     if not files:
-        raise FileNotFoundError(f"tokenizer_from={os.fspath(folder)!r} holds none of {', '.join(_TOKENIZER_FILES)}")
+        raise FileNotFoundError(f"tokenizer_from={os.fspath(folder)!r} holds none of {', '.join(TOKENIZER_FILES)}")
     return files
 
 
@@ -323,6 +305,35 @@ def _write_weights(tensors: Iterator[tuple[str, np.ndarray]], folder: str, max_s
     _write_json(os.path.join(folder, _ST_INDEX), {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
 
 
+# ----- tokenizer -----
+
+class TokenizerNotFoundError(FileNotFoundError):
+    """A model folder holds no tokenizer files."""
+
+
+_VOCAB_FILES = ("vocab.json", "vocab.txt", "tokenizer.model")
+
+
+def check_tokenizer_files(folder: str | os.PathLike) -> str:
+    """Raises TokenizerNotFoundError naming `folder` unless it holds tokenizer.json, or tokenizer_config.json with
+    a vocabulary (transformers would otherwise build an empty tokenizer, silently)."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise TokenizerNotFoundError(f"{folder} is not a folder, so it holds no tokenizer")
+    has = lambda name: os.path.isfile(os.path.join(folder, name))  # noqa: E731
+    if has("tokenizer.json") or (has("tokenizer_config.json") and any(has(v) for v in _VOCAB_FILES)):
+        return folder
+    raise TokenizerNotFoundError(f"{folder} holds no tokenizer: expected tokenizer.json, or tokenizer_config.json "
+                                 f"with {' or '.join(_VOCAB_FILES)}")
+
+
+def load_tokenizer(folder: str | os.PathLike, **kwargs: Any):
+    """`AutoTokenizer.from_pretrained(folder)` once `check_tokenizer_files` has found its files."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(check_tokenizer_files(folder), **kwargs)
+
+
 # ----- import -----
 
 class _SafetensorsFile:
@@ -330,16 +341,39 @@ class _SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = path
-        self._f = safe_open(path, framework="np")
+        with _reading(path):
+            self._f = safe_open(path, framework="np")
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {name: tuple(self._f.get_slice(name).get_shape()) for name in self._f.keys()}
+        with _reading(self.path):
+            return {name: tuple(self._f.get_slice(name).get_shape()) for name in self._f.keys()}
 
     def read(self, name: str) -> np.ndarray:
-        return self._f.get_tensor(name)  # bf16 comes back as an ml_dtypes.bfloat16 array
+        with _reading(self.path, name):
+            return self._f.get_tensor(name)  # bf16 comes back as an ml_dtypes.bfloat16 array
 
     def close(self) -> None:
         self._f = None
+
+
+# What a truncated or foreign file raises: SafetensorError (an Exception subclass) from safetensors; from torch.load
+# RuntimeError (bad zip), UnpicklingError (not a pickle), EOFError, OSError (mmap of a truncated file).
+_READ_ERRORS = (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError)
+
+
+@contextlib.contextmanager
+def _reading(path: str, name: str | None = None) -> Iterator[None]:
+    """Turns a reader's failure on a damaged file into a CorruptCheckpointError naming the file (and tensor)."""
+    try:
+        yield
+    except (CheckpointError, PermissionError):
+        raise
+    except _READ_ERRORS as e:
+        what = f"tensor {name!r} of " if name else ""
+        detail = " ".join(str(e).split())[:200]
+        raise CorruptCheckpointError(f"cannot read {what}{path}: the file is truncated or not a valid "
+                                     f"{'safetensors' if path.endswith('.safetensors') else 'PyTorch'} file "
+                                     f"({type(e).__name__}: {detail})") from None
 
 
 class _TorchBinFile:
@@ -350,7 +384,8 @@ class _TorchBinFile:
 
         self.path = path
         self._bridge = torch_bridge
-        self._sd = torch_bridge.load_state_dict(path)
+        with _reading(path):
+            self._sd = torch_bridge.load_state_dict(path)
         if not isinstance(self._sd, Mapping):
             raise CheckpointError(f"{path} does not hold a state dict")
 
@@ -361,7 +396,8 @@ class _TorchBinFile:
         t = self._sd[name]
         if not self._bridge.is_float_tensor(t):
             raise CheckpointError(f"tensor {name!r} in {self.path} has dtype {t.dtype}, expected a float dtype")
-        return self._bridge.to_float32_numpy(t)
+        with _reading(self.path, name):
+            return self._bridge.to_float32_numpy(t)
 
     def close(self) -> None:
         self._sd = None
@@ -372,8 +408,11 @@ def _checkpoint_files(path: str) -> tuple[type, list[str], dict[str, str] | None
     for index, single, reader in ((_ST_INDEX, _ST_SINGLE, _SafetensorsFile), (_PT_INDEX, _PT_SINGLE, _TorchBinFile)):
         index_file = os.path.join(path, index)
         if os.path.isfile(index_file):
-            with open(index_file) as f:
-                weight_map = json.load(f).get("weight_map")
+            try:
+                with open(index_file) as f:
+                    weight_map = json.load(f).get("weight_map")
+            except (ValueError, AttributeError) as e:
+                raise CorruptCheckpointError(f"{index_file} is not a valid index: {e}") from None
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_file} has no weight_map")
             files = sorted(set(weight_map.values()))
@@ -386,7 +425,8 @@ def _checkpoint_files(path: str) -> tuple[type, list[str], dict[str, str] | None
     raise FileNotFoundError(f"no {_ST_SINGLE}, {_ST_INDEX}, {_PT_SINGLE} or {_PT_INDEX} in {path}")
 
 
-def load_hf_params(path: str | os.PathLike, cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, Any]]:
+def load_hf_params(path: str | os.PathLike, cfg: ModelConfig | None = None, *,
+                   allow_nonfinite: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
     """Reads a local HF checkpoint folder into the FP32 Flax parameter tree.
 
     Args:
@@ -394,6 +434,7 @@ def load_hf_params(path: str | os.PathLike, cfg: ModelConfig | None = None) -> t
         `pytorch_model.bin`, or sharded .bin files plus `pytorch_model.bin.index.json`. Any float storage
         dtype (f32, f16, bf16) is converted exactly to FP32.
       cfg: the model config; read from the folder's config.json when None.
+      allow_nonfinite: load NaN or infinite weights (for deliberate studies) instead of refusing them.
 
     Returns:
       (cfg, params) with params a nested dict of float32 numpy arrays (see `expected_params_shapes`).
@@ -401,6 +442,8 @@ def load_hf_params(path: str | os.PathLike, cfg: ModelConfig | None = None) -> t
     Raises:
       CheckpointError naming each missing, unexpected or mis-shaped tensor and its file. Rotary `inv_freq`
       buffers are ignored; a tied model's `lm_head.weight` is accepted only if it equals the embedding.
+      CorruptCheckpointError naming the file when a weights file is truncated or not a weights file.
+      NonFiniteWeightsError naming every tensor (and its file) that holds NaN or inf, unless `allow_nonfinite`.
     """
     path = os.fspath(path)
     if cfg is None:
@@ -408,6 +451,7 @@ def load_hf_params(path: str | os.PathLike, cfg: ModelConfig | None = None) -> t
     reader_cls, files, weight_map = _checkpoint_files(path)
     entries = {name: (row, i) for name, row, i in _hf_entries(cfg)}
     readers = [reader_cls(f) for f in files]
+    nonfinite: list[str] = []
     try:
         located = _locate(readers, entries, cfg, weight_map, path)
         params_np = {row.path: np.empty(_leaf_shape(row, cfg), np.float32) for row in _rows(cfg)}
@@ -416,6 +460,8 @@ def load_hf_params(path: str | os.PathLike, cfg: ModelConfig | None = None) -> t
             for name, (row, i) in entries.items():
                 if located[name] is reader:
                     x = _as_f32(reader.read(name), name, reader.path)
+                    if not allow_nonfinite:
+                        nonfinite += _nonfinite(x, name, reader.path)
                     dest = params_np[row.path] if i is None else params_np[row.path][i]
                     dest[...] = x.T if row.transpose else x
                     del x
@@ -424,12 +470,16 @@ def load_hf_params(path: str | os.PathLike, cfg: ModelConfig | None = None) -> t
         if tied_head is not None:
             reader = located[_TIED_HEAD]
             head = _as_f32(reader.read(_TIED_HEAD), _TIED_HEAD, reader.path)
-            if not np.array_equal(head, params_np[("embed", "embedding")]):
+            if not np.array_equal(head, params_np[("embed", "embedding")], equal_nan=True):
                 raise CheckpointError(f"tensor {_TIED_HEAD!r} in {reader.path} differs from {_EMBED!r} but the "
                                       f"config has tie_word_embeddings=true")
     finally:
         for reader in readers:
             reader.close()
+    if nonfinite:
+        shown = nonfinite[:20] + ([f"... and {len(nonfinite) - 20} more"] if len(nonfinite) > 20 else [])
+        raise NonFiniteWeightsError(f"checkpoint {path} holds non-finite weights (allow_nonfinite=True, or "
+                                    f"--allow-nonfinite, loads them anyway): " + "; ".join(shown))
     params: dict[str, Any] = {}
     for leaf_path, array in params_np.items():
         _set_path(params, leaf_path, array)
@@ -467,6 +517,14 @@ def _locate(readers: list, entries: dict[str, tuple[Row, int | None]], cfg: Mode
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise CheckpointError(f"checkpoint {path} does not match the {cfg.arch} config:\n  " + "\n  ".join(shown))
     return located
+
+
+def _nonfinite(x: np.ndarray, name: str, file: str) -> list[str]:
+    """[a line naming the tensor, its file and its NaN/inf counts] when `x` is not all finite, else []."""
+    if np.isfinite(x).all():
+        return []
+    return [f"tensor {name!r} in {os.path.basename(file)} has {int(np.isnan(x).sum())} NaN and "
+            f"{int(np.isinf(x).sum())} inf values"]
 
 
 def _as_f32(x: np.ndarray, name: str, file: str) -> np.ndarray:

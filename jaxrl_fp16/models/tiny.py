@@ -7,11 +7,13 @@ the functions only.
 
 from __future__ import annotations
 
+import math
 import os
 import string
 from typing import Any
 
-from jaxrl_fp16.models.hf import atomic_dir
+from jaxrl_fp16.models.config import ModelConfig
+from jaxrl_fp16.outputs import atomic_dir, check_output_dir
 
 __all__ = ["make_tiny", "make_char_tokenizer", "CHARS", "EOS_TOKEN", "PAD_TOKEN"]
 
@@ -59,17 +61,27 @@ def make_char_tokenizer(model_max_length: int = 4096):
                                    model_max_length=model_max_length)
 
 
+def _check_shape(arch: str, *, hidden_size: int, num_heads: int, head_dim: int | None, **sizes: int) -> None:
+    """Raises ValueError for a shape that `ModelConfig` refuses (non-positive sizes, heads not a multiple of the
+    kv heads, odd head_dim), or a hidden size that num_heads does not divide when head_dim is derived from it."""
+    if head_dim is None and isinstance(num_heads, int) and num_heads > 0 and hidden_size % num_heads:
+        raise ValueError(f"hidden_size={hidden_size} is not a multiple of num_heads={num_heads}: give head_dim")
+    derived = hidden_size // num_heads if isinstance(num_heads, int) and num_heads > 0 else num_heads
+    ModelConfig(arch=arch, hidden_size=hidden_size, num_heads=num_heads,
+                head_dim=derived if head_dim is None else head_dim, **sizes)
+
+
 def make_tiny(out_dir: str | os.PathLike, arch: str = "qwen2", *, vocab_size: int = 320, hidden_size: int = 128,
               intermediate_size: int = 256, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
               head_dim: int | None = None, tie_word_embeddings: bool = True, max_position_embeddings: int = 512,
               sharp: float | None = None, seed: int = 0, rope_scaling: dict[str, Any] | None = None,
               attention_bias: bool | None = None, mlp_bias: bool | None = None,
-              rope_theta: float = 10000.0) -> str:
+              rope_theta: float = 10000.0, overwrite: bool = False) -> str:
     """Builds a random `arch` causal LM with transformers and saves it, with its tokenizer, to `out_dir`.
 
     Args:
-      out_dir: the folder to write; an existing one is replaced atomically, and it holds nothing but the
-        model's and the tokenizer's files.
+      out_dir: the folder to write: new, empty, or written here before (it is then replaced atomically); it
+        holds nothing but the model's and the tokenizer's files (and our marker). See `check_output_dir`.
       arch: "qwen2", "qwen3" or "llama".
       vocab_size: model vocabulary; at least the tokenizer's size (the extra embedding rows are never produced
         by the tokenizer).
@@ -88,9 +100,15 @@ def make_tiny(out_dir: str | os.PathLike, arch: str = "qwen2", *, vocab_size: in
       attention_bias: biases on q/k/v/o (llama, qwen3); qwen2 always has q/k/v biases and accepts only True.
       mlp_bias: biases on the MLP projections (llama only).
       rope_theta: RoPE base.
+      overwrite: also replace an existing Hugging Face model folder that was not written here.
 
     Returns:
       The absolute path of the written folder.
+
+    Raises:
+      ValueError before anything is built or written when the settings give a model that `ModelConfig` (and so
+      every other command) refuses, or `sharp` is not a finite positive number; OutputRefusedError when
+      `out_dir` may not be replaced.
     """
     import transformers
 
@@ -107,6 +125,11 @@ def make_tiny(out_dir: str | os.PathLike, arch: str = "qwen2", *, vocab_size: in
         raise ValueError(f"mlp_bias is only available for llama, not {arch}")
     if arch == "qwen2" and head_dim is not None and head_dim * num_heads != hidden_size:
         raise ValueError("qwen2 needs head_dim * num_heads == hidden_size (vLLM's Qwen2 derives head_dim so)")
+    _check_shape(arch, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                 num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                 max_position_embeddings=max_position_embeddings)
+    if sharp is not None and not (math.isfinite(sharp) and sharp > 0):
+        raise ValueError(f"sharp={sharp} must be a finite number > 0 (it multiplies every logit)")
 
     kw: dict[str, Any] = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
@@ -127,11 +150,13 @@ def make_tiny(out_dir: str | os.PathLike, arch: str = "qwen2", *, vocab_size: in
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     }[arch]
     config = config_cls(**kw)
+    ModelConfig.from_hf_dict(config.to_dict())  # what every command reads back must pass, before any work
+    out_dir = check_output_dir(out_dir, overwrite=overwrite)
     with torch_bridge.seeded(seed):
         model = model_cls(config).float().eval()
     if sharp is not None:
         torch_bridge.scale_parameter(model.model.norm.weight, sharp)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return os.path.abspath(os.fspath(out_dir))
+    return out_dir

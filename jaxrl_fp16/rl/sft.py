@@ -48,13 +48,17 @@ def sft_examples(task: Any, tokenizer: Any, num: int, seed: int) -> tuple[np.nda
     return tokens, attn, loss_mask
 
 
-def run_sft(model_dir: str, task: Any, sft: Any, out_dir: str, *, progress: bool = True) -> dict[str, float]:
+def run_sft(model_dir: str, task: Any, sft: Any, out_dir: str, *, progress: bool = True,
+            overwrite: bool = False) -> dict[str, float]:
     """Trains `model_dir` on `task`'s reference responses per the `SFTSection` `sft`; writes an HF dir."""
-    from transformers import AutoTokenizer
     from tqdm.auto import tqdm
 
+    from jaxrl_fp16.models.hf import load_tokenizer
+    from jaxrl_fp16.outputs import check_output_dir
+
+    check_output_dir(out_dir, overwrite=overwrite, sources=[model_dir])  # before the training, not after it
     cfg, params = load_hf_params(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     policy = get_policy(sft.precision)
     tokens, attn, loss_mask = sft_examples(task, tokenizer, sft.num_problems, sft.seed)
     if tokens.shape[1] > cfg.max_position_embeddings:
@@ -82,7 +86,8 @@ def run_sft(model_dir: str, task: Any, sft: Any, out_dir: str, *, progress: bool
         idx = rng.choice(len(tokens), size=sft.batch_size, replace=len(tokens) < sft.batch_size)
         state, metrics = step(state, {"tokens": tokens[idx], "attn": attn[idx], "loss_mask": loss_mask[idx]})
         losses.append(float(metrics["loss"]))
-    save_hf_params(jax.device_get(state.params), cfg, out_dir, dtype="float32", tokenizer_from=model_dir)
+    save_hf_params(jax.device_get(state.params), cfg, out_dir, dtype="float32", tokenizer_from=model_dir,
+                   overwrite=overwrite)
     stats = {"sft/loss_first": losses[0], "sft/loss_last": float(np.mean(losses[-10:])),
              "sft/skipped_steps": int(state.skipped_steps)}
     log.info("warm start done: %s", stats)
