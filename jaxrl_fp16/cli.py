@@ -20,7 +20,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
                      intermediate_size=args.intermediate_size, num_layers=args.num_layers,
                      num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
                      tie_word_embeddings=not args.untied, max_position_embeddings=args.max_position_embeddings,
-                     sharp=args.sharp, seed=args.seed)
+                     sharp=args.sharp, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote a tiny {args.arch} model to {path}")
     return 0
 
@@ -29,6 +29,7 @@ def _mismatch(args: argparse.Namespace) -> int:
     from jaxrl_fp16 import analysis
     from jaxrl_fp16.models.config import ModelConfig, Numerics
     from jaxrl_fp16.models.hf import load_hf_params
+    from jaxrl_fp16.outputs import ensure_writable_dir
     from jaxrl_fp16.precision import parse_dtype
     from jaxrl_fp16.sampling import SAMPLERS, SamplingSettings, check_dtypes_agree, create_sampler, \
         validate_prompts
@@ -45,6 +46,7 @@ def _mismatch(args: argparse.Namespace) -> int:
     for s, t in zip(sampler_dtypes, trainer_dtypes):
         check_dtypes_agree(s, t, args.allow_dtype_mismatch)
     numerics = Numerics.from_overrides(args.fp32_ops or [])
+    ensure_writable_dir(args.out)
     cfg = ModelConfig.from_hf_dir(args.model)
     if args.prompts:
         prompts = analysis.load_prompts(args.prompts, args.model)
@@ -58,7 +60,7 @@ def _mismatch(args: argparse.Namespace) -> int:
                                 seed=args.seed)
     prompts = validate_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings, settings.max_new_tokens)
 
-    _, params = load_hf_params(args.model, cfg)
+    _, params = load_hf_params(args.model, cfg, allow_nonfinite=args.allow_nonfinite)
     summaries = []
     for s_dtype, t_dtype in zip(sampler_dtypes, trainer_dtypes):
         out = args.out if len(dtypes) == 1 else os.path.join(args.out, str(s_dtype))
@@ -88,11 +90,14 @@ def _fp16_check(args: argparse.Namespace) -> int:
     from jaxrl_fp16 import analysis
     from jaxrl_fp16.fp16_check import fp16_readiness
     from jaxrl_fp16.models.hf import load_hf_params
+    from jaxrl_fp16.outputs import ensure_writable_file
     from jaxrl_fp16.models.inference import left_pad
     from jaxrl_fp16.precision import parse_dtype
 
     dtype = parse_dtype(args.dtype)
-    cfg, params = load_hf_params(args.model)
+    if args.out:
+        ensure_writable_file(args.out)
+    cfg, params = load_hf_params(args.model, allow_nonfinite=args.allow_nonfinite)
     if args.prompts:
         prompts = analysis.load_prompts(args.prompts, args.model)
     else:
@@ -106,6 +111,7 @@ def _fp16_check(args: argparse.Namespace) -> int:
     print(report.to_markdown())
     print(report.summary)
     if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             f.write(report.to_json())
     return 0 if report.ok else 1
@@ -139,8 +145,10 @@ def _sanity(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from jaxrl_fp16.config import load_config
+    from jaxrl_fp16.rl.rundir import Interrupted, resume_options_from_args
     from jaxrl_fp16.rl.trainer import Trainer
 
+    resume_options = resume_options_from_args(args)
     overrides = list(args.overrides)
     if args.steps is not None:
         overrides.append(f"train.iterations={args.steps}")
@@ -151,11 +159,18 @@ def _train(args: argparse.Namespace) -> int:
         d = run.distributed
         initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
     run_dir = args.run_dir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
-    trainer = Trainer(run, run_dir, resume=args.resume)
+    if args.export:  # before any training, and again when the export is written
+        from jaxrl_fp16.outputs import check_output_dir
+
+        check_output_dir(args.export, overwrite=args.overwrite, sources=[run_dir])
+    trainer = Trainer(run, run_dir, resume=args.resume, resume_options=resume_options)
     try:
         history = trainer.run()
         if args.export:
-            trainer.export(args.export)
+            trainer.export(args.export, overwrite=args.overwrite)
+    except Interrupted as e:  # SIGINT/SIGTERM: stopped at an iteration boundary, with a checkpoint
+        print(f"jaxrl-fp16 train: {e}", file=sys.stderr)
+        return e.exit_code
     finally:
         trainer.close()
     if history:
@@ -169,7 +184,9 @@ def _train(args: argparse.Namespace) -> int:
 def _dpo(args: argparse.Namespace) -> int:
     from jaxrl_fp16.config import load_config
     from jaxrl_fp16.rl.dpo_trainer import DPOTrainer
+    from jaxrl_fp16.rl.rundir import Interrupted, resume_options_from_args
 
+    resume_options = resume_options_from_args(args)
     config, overrides = args.config, list(args.overrides)
     if args.config_option is not None:
         if config is not None and "=" not in config:
@@ -183,9 +200,12 @@ def _dpo(args: argparse.Namespace) -> int:
         overrides.append(f"dpo.steps={args.steps}")
     run = load_config(config, overrides)
     run_dir = args.run_dir or os.path.join("runs", "dpo_" + os.path.splitext(os.path.basename(config))[0])
-    trainer = DPOTrainer(run, run_dir, resume=args.resume)
+    trainer = DPOTrainer(run, run_dir, resume=args.resume, resume_options=resume_options)
     try:
         summary = trainer.run()
+    except Interrupted as e:  # SIGINT/SIGTERM: stopped at a step boundary, with a checkpoint
+        print(f"jaxrl-fp16 dpo: {e}", file=sys.stderr)
+        return e.exit_code
     finally:
         trainer.close()
     start, end = summary["start"], summary["end"]
@@ -196,34 +216,39 @@ def _dpo(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from jaxrl_fp16.outputs import check_output_dir
     from jaxrl_fp16.rl.trainer import export_checkpoint
 
-    it = export_checkpoint(args.run_dir, args.out, iteration=args.iteration, dtype=args.dtype)
+    check_output_dir(args.out, overwrite=args.overwrite, sources=[args.run_dir])  # before any checkpoint is read
+    it = export_checkpoint(args.run_dir, args.out, iteration=args.iteration, dtype=args.dtype,
+                           overwrite=args.overwrite)
     print(f"exported iteration {it} of {args.run_dir} to {args.out} ({args.dtype})")
     return 0
 
 
 def _sft(args: argparse.Namespace) -> int:
     from jaxrl_fp16.config import load_config
+    from jaxrl_fp16.outputs import atomic_dir, check_output_dir
     from jaxrl_fp16.rl.sft import ensure_base_model, run_sft
     from jaxrl_fp16.rl.tasks import make_task
 
     run = load_config(args.config, args.overrides)
+    if run.model.path is not None and not args.out:
+        raise ValueError("with model.path set, give --out for the warm-started model")
+    sources = [run.model.path] if run.model.path is not None else []
+    if args.out:  # before any training
+        check_output_dir(args.out, overwrite=args.overwrite, sources=sources)
     if run.model.path is None:
         path = ensure_base_model(run)
         if args.out:
             import shutil
 
-            from jaxrl_fp16.models.hf import atomic_dir
-
-            with atomic_dir(args.out) as tmp:
+            with atomic_dir(args.out, overwrite=args.overwrite, sources=[path]) as tmp:
                 shutil.copytree(path, tmp, dirs_exist_ok=True)
             path = args.out
     else:
-        if not args.out:
-            raise ValueError("with model.path set, give --out for the warm-started model")
         run_sft(run.model.path, make_task(run.task.name, **dict(run.task.options)), run.model.warm_start,
-                args.out, progress=run.log.progress)
+                args.out, progress=run.log.progress, overwrite=args.overwrite)
         path = args.out
     print(f"warm-started model: {path}")
     return 0
@@ -232,10 +257,16 @@ def _sft(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxrl-fp16", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error (also: {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("make-tiny", help="write a tiny random Hugging Face model with a tokenizer")
-    p.add_argument("out", help="output directory (replaced atomically if it exists)")
+    p.add_argument("out", help="output directory: new, empty, or written by jaxrl-fp16 before (then replaced "
+                   "atomically)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="also replace an existing Hugging Face model folder not written by jaxrl-fp16 (a folder "
+                        "holding other files is always refused)")
     p.add_argument("--arch", choices=("qwen2", "qwen3", "llama"), default="qwen2")
     p.add_argument("--vocab-size", type=int, default=320)
     p.add_argument("--hidden-size", type=int, default=128)
@@ -274,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load a checkpoint holding NaN/inf weights (refused by default)")
     p.set_defaults(func=_mismatch)
 
     p = sub.add_parser("fp16-check", help="FP16 readiness report of a checkpoint (activation/weight range)")
@@ -284,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the report as JSON here")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load a checkpoint holding NaN/inf weights (refused by default)")
     p.set_defaults(func=_fp16_check)
 
     p = sub.add_parser("study", help="where the mismatch comes from: per-layer drift of the two paths, op-class "
@@ -313,8 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. loss.algorithm=gspo")
     p.add_argument("--run-dir", default=None, help="run directory (default runs/<config name>)")
     p.add_argument("--steps", type=int, default=None, help="number of RL iterations (train.iterations)")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    from jaxrl_fp16.rl.rundir import add_resume_arguments
+
+    add_resume_arguments(p)
     p.add_argument("--export", default=None, metavar="DIR", help="also export the final policy to DIR (HF)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --export replace an existing Hugging Face model folder not written by jaxrl-fp16 (a "
+                        "folder holding other files is always refused)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("dpo", help="offline preference optimisation (DPO) from a YAML run config")
@@ -324,12 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run config, as an option")
     p.add_argument("--run-dir", default=None, help="run directory (default runs/dpo_<config name>)")
     p.add_argument("--steps", type=int, default=None, help="number of optimizer steps (dpo.steps)")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    add_resume_arguments(p)
     p.set_defaults(func=_dpo)
 
     p = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face directory")
     p.add_argument("run_dir", help="a run directory (with config.yaml and checkpoints/)")
-    p.add_argument("out", help="output Hugging Face directory (written atomically)")
+    p.add_argument("out", help="output Hugging Face directory: new, empty, or an earlier export (written "
+                   "atomically); never the run directory or the working folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="also replace an existing Hugging Face model folder not written by jaxrl-fp16 (a folder "
+                        "holding other files is always refused)")
     p.add_argument("--iteration", type=int, default=None, help="which checkpoint (default: the latest)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     p.set_defaults(func=_export)
@@ -337,9 +381,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised warm start on a task's reference responses")
     p.add_argument("config", help="YAML run config (model, task and model.warm_start sections are used)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    p.add_argument("--out", default=None, help="output Hugging Face directory")
+    p.add_argument("--out", default=None, help="output Hugging Face directory: new, empty, or written by "
+                   "jaxrl-fp16 before")
+    p.add_argument("--overwrite", action="store_true",
+                   help="also replace an existing Hugging Face model folder not written by jaxrl-fp16")
     p.set_defaults(func=_sft)
+    for p in sub.choices.values():  # --debug also after the subcommand
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help=f"show the full traceback of an error (also: {DEBUG_ENV}=1)")
     return parser
+
+
+# Failures a user can cause and fix (bad input, missing or unwritable files, a full disk): one line, exit 2.
+EXPECTED_ERRORS = (ValueError, OSError)
+DEBUG_ENV = "JAXRL_FP16_DEBUG"
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _debug_requested(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,11 +415,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if _debug_requested(args):  # tracebacks as they are
+        return args.func(args)
+    prefix = f"jaxrl-fp16 {args.command}: error:"
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"jaxrl-fp16 {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"jaxrl-fp16 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as e:
+        print(f"{prefix} {_one_line(e) or type(e).__name__}", file=sys.stderr)
         return 2
+    except Exception as e:  # a defect, not the user's input: still one line, and how to see where it came from
+        print(f"{prefix} unexpected {type(e).__name__}: {_one_line(e)} (run with --debug or {DEBUG_ENV}=1 for the "
+              f"traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

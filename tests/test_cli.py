@@ -124,3 +124,51 @@ def test_fp16_check_reports_and_flags_overflow(model_dir, tmp_path, capsys):
     assert main(["fp16-check", str(bad), "--num-sequences", "2", "--seq-len", "16"]) == 1
     text = capsys.readouterr().out
     assert "NOT OK" in text and "layer 1" in text
+
+
+def test_an_expected_failure_is_one_line_and_exit_2(tmp_path, capsys):
+    missing = str(tmp_path / "no_such_run")
+    assert main(["export", missing, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("jaxrl-fp16 export: error:") and "no_such_run" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("how", ["flag-before", "flag-after", "env"])
+def test_debug_shows_the_traceback(tmp_path, monkeypatch, how):
+    missing = str(tmp_path / "no_such_run")
+    argv = ["export", missing, str(tmp_path / "out")]
+    if how == "flag-before":
+        argv = ["--debug"] + argv
+    elif how == "flag-after":
+        argv = argv + ["--debug"]
+    else:
+        monkeypatch.setenv("JAXRL_FP16_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="no_such_run"):
+        main(argv)
+
+
+def test_a_defect_is_one_line_naming_its_type_and_the_debug_switch(tmp_path, monkeypatch, capsys):
+    """Fault injection (named as such): a subcommand that fails with an error no user input explains."""
+    import jaxrl_fp16.rl.trainer as trainer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something inside broke\nsecond line")
+
+    monkeypatch.setattr(trainer, "export_checkpoint", broken)
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "unexpected RuntimeError: something inside broke second line" in err and "--debug" in err
+
+
+def test_ctrl_c_outside_the_training_loop_exits_130(tmp_path, monkeypatch, capsys):
+    """Fault injection (named as such): Ctrl-C arriving while a subcommand works."""
+    import jaxrl_fp16.rl.trainer as trainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "export_checkpoint", interrupted)
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err == "jaxrl-fp16 export: interrupted\n"

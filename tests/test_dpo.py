@@ -4,6 +4,7 @@ and the one jitted step, synthetic preference pairs, and short CPU runs that lea
 import json
 import os
 import random
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -309,20 +310,104 @@ def test_fp16_scales_the_loss_and_skips_the_injected_overflow(arms):
     assert all(m["loss_scale"] == 1.0 for m in bf16[1:]) and arms["bf16-mixed"]["summary"]["skipped_steps"] == 0
 
 
-def test_cli_runs_and_resumes_bitwise(cache_dir, tmp_path, capsys):
-    args = quick(cache_dir, "precision=bf16-mixed", "dpo.num_pairs=128", "dpo.eval_pairs=64", "dpo.eval_every=4",
+def cli_args(cache_dir):
+    """A short bf16 CLI run: 128 pairs, eval and checkpoint every 4 steps."""
+    return quick(cache_dir, "precision=bf16-mixed", "dpo.num_pairs=128", "dpo.eval_pairs=64", "dpo.eval_every=4",
                  "checkpoint.every=4")
-    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-    assert main(["dpo", DPO_FP16, "--run-dir", whole, "--steps", "8", *args]) == 0
-    assert "held-out preference accuracy 0.500 -> " in capsys.readouterr().out
-    assert main(["dpo", "--config", DPO_FP16, "--run-dir", parts, "--steps", "4", *args]) == 0
+
+
+@pytest.fixture(scope="module")
+def whole(cache_dir, tmp_path_factory):
+    """The 8-step CLI run, uninterrupted: the reference of the resumed ones."""
+    out = str(tmp_path_factory.mktemp("dpo-whole") / "whole")
+    assert main(["dpo", DPO_FP16, "--run-dir", out, "--steps", "8", *cli_args(cache_dir)]) == 0
+    return out
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def metrics_without_time(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(x).items() if k != "time/step"} for x in f]
+
+
+def test_sigterm_stops_at_a_step_boundary_and_the_resume_ends_bitwise(cache_dir, whole, tmp_path, capsys,
+                                                                      monkeypatch):
+    args = cli_args(cache_dir)
+    parts = str(tmp_path / "parts")
+    ckpt_dir = os.path.join(parts, "checkpoints")
+    train_step = DPOTrainer.train_step
+
+    def step_then_sigterm(self, step):
+        out = train_step(self, step)
+        if step == 2:  # a real SIGTERM to this process, at a moment the test chooses: during step 3 of 8
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(DPOTrainer, "train_step", step_then_sigterm)
+    handler = signal.getsignal(signal.SIGTERM)
+    assert main(["dpo", "--config", DPO_FP16, "--run-dir", parts, "--steps", "8", *args]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"jaxrl-fp16 dpo: stopped by SIGTERM after step 3 of 8; checkpoint 3 "
+                                            f"saved in {ckpt_dir} (continue with --resume)")
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
+    assert os.listdir(ckpt_dir) == ["3"]  # checkpoint.every=4: the stop's own
+    assert [m["step"] for m in metrics_without_time(parts)] == [0, 1, 2, 3]
+    assert not os.path.exists(os.path.join(parts, "hf"))
+    monkeypatch.undo()
+
     assert main(["dpo", "--config", DPO_FP16, "--run-dir", parts, "--steps", "8", *args]) == 2  # needs --resume
     assert "--resume" in capsys.readouterr().err
+    # A resume with a config that changes the course is refused, naming the key, before any work.
+    original = read_bytes(os.path.join(parts, "config.yaml"))
+    assert main(["dpo", DPO_FP16, "--run-dir", parts, "--steps", "8", "--resume", *args, "dpo.beta=0.3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dpo.beta 0.5 -> 0.3" in err and "--allow-change dpo.beta" in err
+    assert read_bytes(os.path.join(parts, "config.yaml")) == original
+
     assert main(["dpo", DPO_FP16, "--run-dir", parts, "--steps", "8", "--resume", *args]) == 0
-    for name in ("model.safetensors",):
-        with open(os.path.join(whole, "hf", name), "rb") as a, open(os.path.join(parts, "hf", name), "rb") as b:
-            assert a.read() == b.read()
-    with open(os.path.join(whole, "metrics.jsonl")) as a, open(os.path.join(parts, "metrics.jsonl")) as b:
-        drop_time = [{k: v for k, v in json.loads(x).items() if k != "time/step"} for x in a]
-        assert drop_time == [{k: v for k, v in json.loads(x).items() if k != "time/step"} for x in b]
+    assert read_bytes(os.path.join(whole, "hf", "model.safetensors")) == read_bytes(
+        os.path.join(parts, "hf", "model.safetensors"))
+    assert metrics_without_time(whole) == metrics_without_time(parts)
+    assert not os.path.exists(os.path.join(parts, "config_changes.jsonl"))  # the same config: nothing to record
     assert main(["dpo", "--config", DPO_FP16, DPO_FP16, *args]) == 2
+
+
+def test_allowed_changes_are_recorded_and_a_broken_checkpoint_falls_back(cache_dir, whole, tmp_path, capsys,
+                                                                          caplog):
+    import shutil
+
+    from test_checkpoint import truncate_array_data
+
+    args = cli_args(cache_dir)
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(whole, run_dir)  # 8 steps done: checkpoints 4 and 8
+    original = read_bytes(os.path.join(run_dir, "config.yaml"))
+    extend = ["dpo", DPO_FP16, "--run-dir", run_dir, "--steps", "10", "--resume", *args, "dpo.beta=0.3"]
+    assert main([*extend, "--allow-change", "dpo.beta"]) == 0
+    assert read_bytes(os.path.join(run_dir, "config.yaml")) == original
+    with open(os.path.join(run_dir, "config_changes.jsonl")) as f:
+        assert [json.loads(x) for x in f] == [{"iteration": 8, "changes": {"dpo.beta": [0.5, 0.3],
+                                                                            "dpo.steps": [8, 10]}}]
+    assert load_config(os.path.join(run_dir, "config.resumed.yaml")).dpo.beta == 0.3
+    extended = read_bytes(os.path.join(run_dir, "hf", "model.safetensors"))
+    capsys.readouterr()
+
+    # Checkpoint 10's array data cut short: export says which file and which checkpoint restores, in one line.
+    truncate_array_data(os.path.join(run_dir, "checkpoints", "10"))
+    assert main(["export", run_dir, str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoint 10 in " in err and "the newest that restores is 8" in err
+    assert main(["export", run_dir, str(tmp_path / "out"), "--iteration", "8"]) == 0
+    # --fallback resumes from checkpoint 8, made with beta 0.5 (the change is checked against that one, allowed).
+    assert main([*extend, "--fallback", "--allow-change", "dpo.beta"]) == 0
+    assert any("checkpoint 10 in" in r.getMessage() and "resuming from checkpoint 8" in r.getMessage()
+               for r in caplog.records)
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["10", "10.broken", "8"]
+    with open(os.path.join(run_dir, "config_changes.jsonl")) as f:  # checked against checkpoint 8's config
+        assert [json.loads(x)["iteration"] for x in f] == [8, 8]
+    assert read_bytes(os.path.join(run_dir, "hf", "model.safetensors")) == extended  # the same steps again

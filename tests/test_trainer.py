@@ -1,5 +1,6 @@
 """The RL loop on a tiny model: it learns in FP16 and BF16, logs the mismatch every iteration, skips injected
-overflow steps, and a run killed with SIGKILL and resumed ends bitwise where an uninterrupted run ends."""
+overflow steps, and a run stopped with SIGTERM or killed with SIGKILL and resumed ends bitwise where an
+uninterrupted run ends."""
 
 import json
 import os
@@ -123,28 +124,54 @@ def _train(run_dir, cache_dir, *extra):
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigkill_and_resume_is_bitwise_identical(cache_dir, tmp_path, arms):  # arms: the base model is cached
-    ref_dir, killed_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
-    ref = _train(ref_dir, cache_dir)
-    assert ref.wait(timeout=600) == 0, ref.stderr.read()
+def _count_lines(path):
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for _ in f)
 
-    proc = _train(killed_dir, cache_dir)
-    metrics = os.path.join(killed_dir, "metrics.jsonl")
-    rng = np.random.default_rng()
-    target = int(rng.integers(2, 5))  # kill after 2-4 of the 6 iterations (checkpoints every 2), mid-iteration
+
+def _wait_for_lines(proc, path, n):
     deadline = time.time() + 600
     while time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read()
-        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= target:
-            break
+        if _count_lines(path) >= n:
+            return
         time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 0.2))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    raise AssertionError(f"{path} did not reach {n} lines")
 
-    resumed = _train(killed_dir, cache_dir, "--resume")
-    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+
+def test_sigterm_sigkill_and_resume_are_bitwise_identical(cache_dir, tmp_path, arms):  # arms: base model cached
+    """SIGTERM stops at the next iteration boundary with a checkpoint (exit status 143, one line); SIGKILL at a
+    random moment loses only the work since the last checkpoint; resumed, the run ends bitwise where an
+    uninterrupted one ends."""
+    ref_dir, killed_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
+    ckpt_dir = os.path.join(killed_dir, "checkpoints")
+    ref = _train(ref_dir, cache_dir)
+    assert ref.wait(timeout=600) == 0, ref.stderr.read()
+
+    metrics = os.path.join(killed_dir, "metrics.jsonl")
+    stopped = _train(killed_dir, cache_dir)
+    _wait_for_lines(stopped, metrics, 1)
+    stopped.send_signal(signal.SIGTERM)
+    _, err = stopped.communicate(timeout=600)
+    assert stopped.returncode == 128 + signal.SIGTERM, err
+    done = _count_lines(metrics)  # the iterations finished before it stopped, each logged
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"jaxrl-fp16 train: stopped by SIGTERM after iteration {done} of 6; "
+                                            f"checkpoint {done} saved in {ckpt_dir} (continue with --resume)")
+    assert str(done) in os.listdir(ckpt_dir) and not os.path.exists(os.path.join(killed_dir, "hf"))
+
+    proc = _train(killed_dir, cache_dir, "--resume")
+    rng = np.random.default_rng()
+    if done < 4:  # kill during one of the iterations after it (checkpoints every 2), at a random moment
+        _wait_for_lines(proc, metrics, int(rng.integers(done + 1, 5)))
+        time.sleep(rng.uniform(0.0, 0.2))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        proc = _train(killed_dir, cache_dir, "--resume")
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
 
     _, p_ref = load_hf_params(os.path.join(ref_dir, "hf"))
     _, p_res = load_hf_params(os.path.join(killed_dir, "hf"))
@@ -158,6 +185,7 @@ def test_sigkill_and_resume_is_bitwise_identical(cache_dir, tmp_path, arms):  # 
             return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")} for x in f]
 
     assert lines(ref_dir) == lines(killed_dir)
+    assert not os.path.exists(os.path.join(killed_dir, "config_changes.jsonl"))  # the same config throughout
 
     # Killed after the last checkpoint but before the export: resuming only exports, and the same weights.
     import shutil

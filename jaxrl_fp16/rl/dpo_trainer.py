@@ -10,7 +10,9 @@
     export the final policy as a Hugging Face directory
 
 The reference and the held-out evaluation go through the same jitted scoring function, so at step 0 every
-held-out pair is a tie and the preference accuracy is exactly 0.5.
+held-out pair is a tie and the preference accuracy is exactly 0.5. Resume and SIGINT/SIGTERM behave as in the RL
+loop (`rl/rundir.py`): a changed config is refused unless allowed and recorded, and a signal stops the loop at the
+next step boundary with a checkpoint.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from jaxrl_fp16.rl.dpo import DPO_DIAG_NAMES, dpo_loss, sequence_logps
 from jaxrl_fp16.rl.preferences import PairArrays, split_pairs, tokenize_pairs
 from jaxrl_fp16.rl.sft import ensure_base_model
 from jaxrl_fp16.rl.tasks import make_task
-from jaxrl_fp16.rl.rundir import MetricsLog, checkpoint_dir, refuse_overwrite, write_config
+from jaxrl_fp16.rl.rundir import (SILENT_CHANGES, Interrupted, MetricsLog, ResumeOptions, StopSignals, begin_resume,
+                                  checkpoint_dir, config_dict, finish_resume, refuse_overwrite, signal_name,
+                                  write_config)
 from jaxrl_fp16.rl.trainer import make_loss_scale, make_optimizer
 from jaxrl_fp16.step import TrainState, make_train_step
 
@@ -43,6 +47,8 @@ __all__ = ["DPOTrainer", "batch_rows", "pair_logps"]
 
 log = logging.getLogger(__name__)
 _EVAL_BATCH = 128  # pairs per scoring call (a fixed shape: one compiled program)
+# Config keys a resume of a DPO run takes without asking: SILENT_CHANGES, and the RL sections it does not read.
+DPO_SILENT_CHANGES = (*SILENT_CHANGES, "train", "sampler", "loss", "perfectible")
 
 
 def pair_logps(model: CausalLM, params: Any, tokens_Nx2xT: jax.Array, attention_mask_Nx2xT: jax.Array,
@@ -77,18 +83,21 @@ def _check_supported(run: RunConfig) -> None:
 class DPOTrainer:
     """Builds a DPO run from a `RunConfig` (its `dpo` section); `run()` trains, logging to `run_dir`."""
 
-    def __init__(self, run: RunConfig, run_dir: str, *, resume: bool = False):
+    def __init__(self, run: RunConfig, run_dir: str, *, resume: bool = False,
+                 resume_options: ResumeOptions = ResumeOptions()):
         self.run_cfg = run
         self.run_dir = run_dir
         self.policy = run.policy
         d = run.dpo
         _check_supported(run)
         refuse_overwrite(run_dir, resume)
+        if resume:  # before anything is built: nothing to resume, or a config change not allowed
+            begin_resume(run_dir, run, resume_options, DPO_SILENT_CHANGES)
         self.base_dir = ensure_base_model(run, progress=run.log.progress)
         self.model_cfg, params = load_hf_params(self.base_dir)
-        from transformers import AutoTokenizer
+        from jaxrl_fp16.models.hf import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        tokenizer = load_tokenizer(self.base_dir)
         task = make_task(run.task.name, **dict(run.task.options))
         self.train_pairs, self.eval_pairs = split_pairs(task, d.num_pairs, d.eval_pairs, d.seed)
         data = tokenize_pairs(self.train_pairs + self.eval_pairs, tokenizer)  # one width for both
@@ -114,11 +123,13 @@ class DPOTrainer:
         os.makedirs(run_dir, exist_ok=True)
         self.checkpointer = Checkpointer(checkpoint_dir(run_dir), keep=run.checkpoint.keep)
         self.start_step = 0
-        if resume and self.checkpointer.latest() is not None:
-            self.state, meta = self.checkpointer.restore(self.state)
+        if resume:
+            self.state, meta = self.checkpointer.restore(self.state, fallback=resume_options.fallback)
             self.start_step = int(meta["step"])
+            finish_resume(run_dir, run, resume_options, meta, self.start_step, DPO_SILENT_CHANGES)
             log.info("resumed from step %d", self.start_step)
-        write_config(run_dir, run)
+        else:
+            write_config(run_dir, run)
 
     # ----- the loss the jitted step differentiates -----
 
@@ -196,23 +207,29 @@ class DPOTrainer:
                                    if m["step"] == 0), None)
         bar = tqdm(range(self.start_step, total), initial=self.start_step, total=total,
                    desc=f"DPO {run.precision}", disable=not run.log.progress)
+        ckpt_dir = checkpoint_dir(self.run_dir)
         try:
-            for step in bar:
-                m = self.train_step(step)
-                done = step + 1
-                if done % run.dpo.eval_every == 0 or done == total:
-                    last_eval = self.evaluate()
-                    m.update(last_eval)
-                metrics_log.write(m)
-                bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}", skip=m["skipped_steps"])
-                if done % run.checkpoint.every == 0 or done == total:
-                    self.save(done)
+            with StopSignals(ckpt_dir, unit="step") as stop:
+                for step in bar:
+                    m = self.train_step(step)
+                    done = step + 1
+                    if done % run.dpo.eval_every == 0 or done == total:
+                        last_eval = self.evaluate()
+                        m.update(last_eval)
+                    metrics_log.write(m)
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}", skip=m["skipped_steps"])
+                    if done % run.checkpoint.every == 0 or done == total or stop.signum is not None:
+                        self.save(done)
+                    if stop.signum is not None:
+                        raise Interrupted(stop.signum, f"stopped by {signal_name(stop.signum)} after step {done} of "
+                                                       f"{total}; checkpoint {done} saved in {ckpt_dir} (continue "
+                                                       f"with --resume)")
         finally:
             bar.close()
             metrics_log.close()
         hf_dir = os.path.join(self.run_dir, "hf")
         if run.checkpoint.export_hf and (total > self.start_step or not os.path.isdir(hf_dir)):
-            self.export(hf_dir)
+            self.export(hf_dir, overwrite=True)  # the run's own folder: also one an older version wrote
         summary = {"precision": run.precision, "steps": int(self.state.step),
                    "skipped_steps": int(self.state.skipped_steps),
                    "loss_scale": float(jax.device_get(self.state.loss_scale.loss_scale)),
@@ -226,12 +243,13 @@ class DPOTrainer:
     def save(self, step: int) -> None:
         # `iteration` too, so that `jaxrl-fp16 export` reads DPO runs as it reads RL runs.
         meta = {"step": step, "iteration": step, "seed": self.run_cfg.dpo.seed,
-                "base_model": os.path.realpath(self.base_dir)}
+                "base_model": os.path.realpath(self.base_dir), "config": config_dict(self.run_cfg)}
         self.checkpointer.save(step, self.state, meta)
 
-    def export(self, out_dir: str, dtype: str | None = None) -> None:
+    def export(self, out_dir: str, dtype: str | None = None, *, overwrite: bool = False) -> None:
         save_hf_params(jax.device_get(self.state.params), self.model_cfg, out_dir,
-                       dtype=dtype or self.run_cfg.checkpoint.export_dtype, tokenizer_from=self.base_dir)
+                       dtype=dtype or self.run_cfg.checkpoint.export_dtype, tokenizer_from=self.base_dir,
+                       overwrite=overwrite, sources=[self.run_dir])
 
     def close(self) -> None:
         self.checkpointer.close()

@@ -11,7 +11,9 @@
         log, checkpoint
 
 Everything the loop does is a function of (config, checkpointed state, iteration), so a run killed at any
-point and resumed from its last checkpoint ends with the same parameters as an uninterrupted one.
+point and resumed from its last checkpoint ends with the same parameters as an uninterrupted one. A resume
+refuses a config that changes the run's course unless the change is allowed (then it is recorded), and SIGINT
+or SIGTERM stop the loop at the next iteration boundary with a checkpoint (`rundir.StopSignals`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import optax
 
 from jaxrl_fp16 import mismatch
 from jaxrl_fp16 import sharding
-from jaxrl_fp16.checkpoint import Checkpointer
+from jaxrl_fp16.checkpoint import CheckpointError, Checkpointer
 from jaxrl_fp16.config import ConfigError, RunConfig
 from jaxrl_fp16.lora import LoRA
 from jaxrl_fp16.loss_scale import DynamicLossScale, NoOpLossScale, StaticLossScale
@@ -40,16 +42,21 @@ from jaxrl_fp16.rl import ppo
 from jaxrl_fp16.rl.advantages import group_advantages
 from jaxrl_fp16.rl.losses import LossInputs, compute_loss
 from jaxrl_fp16.rl.prompts import build_prompt_set, rollout_rewards
-from jaxrl_fp16.rl.rundir import MetricsLog, checkpoint_dir, refuse_overwrite, write_config
+from jaxrl_fp16.rl.rundir import (SILENT_CHANGES, Interrupted, MetricsLog, ResumeOptions, StopSignals, begin_resume,
+                                  checkpoint_config, checkpoint_dir, config_dict, finish_resume, refuse_overwrite,
+                                  signal_name, stored_config, write_config)
 from jaxrl_fp16.rl.sft import ensure_base_model
 from jaxrl_fp16.rl.tasks import make_task
 from jaxrl_fp16.sampling import create_sampler
 from jaxrl_fp16.scoring import Scorer
 from jaxrl_fp16.step import TrainState, make_train_step
 
-__all__ = ["Trainer", "export_checkpoint", "make_loss_scale", "make_optimizer", "prompt_indices"]
+__all__ = ["RL_SILENT_CHANGES", "Trainer", "export_checkpoint", "make_loss_scale", "make_optimizer",
+           "prompt_indices"]
 
 log = logging.getLogger(__name__)
+# Config keys a resume of an RL run takes without asking: SILENT_CHANGES, and the DPO section it does not read.
+RL_SILENT_CHANGES = (*SILENT_CHANGES, "dpo")
 
 
 def make_loss_scale(run: RunConfig):
@@ -138,21 +145,29 @@ def _pad_left(x: np.ndarray, width: int, value: Any = 0) -> np.ndarray:
 
 
 class Trainer:
-    """Builds everything a run needs from a `RunConfig`; `run()` trains, logging to `run_dir`."""
+    """Builds everything a run needs from a `RunConfig`; `run()` trains, logging to `run_dir`.
 
-    def __init__(self, run: RunConfig, run_dir: str, *, resume: bool = False):
+    `resume` continues from the run directory's latest checkpoint (an error when there is none); `resume_options`
+    says which config changes it takes and whether it falls back to an older checkpoint when the latest does not
+    restore.
+    """
+
+    def __init__(self, run: RunConfig, run_dir: str, *, resume: bool = False,
+                 resume_options: ResumeOptions = ResumeOptions()):
         self.run_cfg = run
         self.run_dir = run_dir
         self.policy = run.policy
         self.progress = run.log.progress
         refuse_overwrite(run_dir, resume)
+        if resume:  # before anything is built: nothing to resume, or a config change not allowed
+            begin_resume(run_dir, run, resume_options, RL_SILENT_CHANGES)
         self.mesh = make_run_mesh(run)
 
         self.base_dir = ensure_base_model(run, progress=self.progress)
         self.model_cfg, params = load_hf_params(self.base_dir)
-        from transformers import AutoTokenizer
+        from jaxrl_fp16.models.hf import load_tokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        self.tokenizer = load_tokenizer(self.base_dir)
         self.task = make_task(run.task.name, **dict(run.task.options))
         numerics = Numerics.from_overrides(run.model.fp32_ops)
         compute = self.policy.compute_dtype
@@ -199,12 +214,14 @@ class Trainer:
         os.makedirs(run_dir, exist_ok=True)
         self.checkpointer = Checkpointer(checkpoint_dir(run_dir), keep=run.checkpoint.keep)
         self.start_iteration = 0
-        if resume and self.checkpointer.latest() is not None:
-            self.state, meta = self.checkpointer.restore(self.state)
+        if resume:
+            self.state, meta = self.checkpointer.restore(self.state, fallback=resume_options.fallback)
             self.start_iteration = int(meta["iteration"])
+            finish_resume(run_dir, run, resume_options, meta, self.start_iteration, RL_SILENT_CHANGES)
             self.sampler.push_weights(self.policy_weights())
             log.info("resumed from iteration %d", self.start_iteration)
-        write_config(run_dir, run)
+        else:
+            write_config(run_dir, run)
 
     # ----- the loss the jitted step differentiates -----
 
@@ -296,7 +313,7 @@ class Trainer:
             "skipped_steps": int(self.state.skipped_steps),
             "skipped_steps/iteration": int(sum(int(m["skipped"]) for m in step_metrics)),
             **{k: mean_of(k) for k in step_metrics[0] if k not in ("loss", "grad_norm", "loss_scale", "skipped",
-                                                                   "grads_finite")},
+                                                                   "grads_finite", "update_finite")},
             "time/sample": t1 - t0,
             "time/score": t2 - t1,
             "time/logprobs": t3 - t2,
@@ -318,16 +335,22 @@ class Trainer:
         history = []
         bar = tqdm(range(self.start_iteration, total), initial=self.start_iteration, total=total,
                    desc=f"RL {run.precision}", disable=not self.progress)
+        ckpt_dir = checkpoint_dir(self.run_dir)
         try:
-            for it in bar:
-                m = self.iteration(it)
-                history.append(m)
-                metrics_log.write(m)
-                bar.set_postfix(acc=f"{m['reward/accuracy']:.2f}", kl=f"{m['mismatch/kl_k3']:.1e}",
-                                skip=m["skipped_steps"])
-                done = it + 1
-                if done % run.checkpoint.every == 0 or done == total:
-                    self.save(done)
+            with StopSignals(ckpt_dir) as stop:
+                for it in bar:
+                    m = self.iteration(it)
+                    history.append(m)
+                    metrics_log.write(m)
+                    bar.set_postfix(acc=f"{m['reward/accuracy']:.2f}", kl=f"{m['mismatch/kl_k3']:.1e}",
+                                    skip=m["skipped_steps"])
+                    done = it + 1
+                    if done % run.checkpoint.every == 0 or done == total or stop.signum is not None:
+                        self.save(done)
+                    if stop.signum is not None:
+                        raise Interrupted(stop.signum, f"stopped by {signal_name(stop.signum)} after iteration "
+                                                       f"{done} of {total}; checkpoint {done} saved in {ckpt_dir} "
+                                                       f"(continue with --resume)")
         finally:
             bar.close()
             metrics_log.close()
@@ -337,7 +360,7 @@ class Trainer:
         hf_dir = os.path.join(self.run_dir, "hf")
         # Also when a resumed run had nothing left to do but was killed before its export.
         if run.checkpoint.export_hf and (total > self.start_iteration or not os.path.isdir(hf_dir)):
-            self.export(hf_dir)
+            self.export(hf_dir, overwrite=True)  # the run's own folder: also one an older version wrote
         return history
 
     def evaluate(self, samples_per_prompt: int = 4, seed: int = 12345) -> float:
@@ -349,7 +372,7 @@ class Trainer:
     def save(self, iteration: int) -> None:
         meta = {"iteration": iteration, "data_position": iteration * self.run_cfg.train.prompts_per_iteration,
                 "seed": self.run_cfg.seed, "base_model": os.path.realpath(self.base_dir),
-                "num_prompts": len(self.problems)}
+                "num_prompts": len(self.problems), "config": config_dict(self.run_cfg)}
         self.checkpointer.save(iteration, self.state, meta)
 
     def policy_weights(self) -> Any:
@@ -357,10 +380,11 @@ class Trainer:
         params = _policy_params(self.run_cfg, self.state.params)
         return params if self.lora is None else self.lora.policy_params(params)
 
-    def export(self, out_dir: str, dtype: str | None = None) -> None:
+    def export(self, out_dir: str, dtype: str | None = None, *, overwrite: bool = False) -> None:
         base = None if self.lora is None else load_hf_params(self.base_dir)[1]
         save_hf_params(_exported_policy(self.run_cfg, self.state.params, self.lora, base), self.model_cfg, out_dir,
-                       dtype=dtype or self.run_cfg.checkpoint.export_dtype, tokenizer_from=self.base_dir)
+                       dtype=dtype or self.run_cfg.checkpoint.export_dtype, tokenizer_from=self.base_dir,
+                       overwrite=overwrite, sources=[self.run_dir])
 
     def close(self) -> None:
         self.sampler.close()
@@ -368,20 +392,24 @@ class Trainer:
 
 
 def export_checkpoint(run_dir: str, out_dir: str, *, iteration: int | None = None,
-                      dtype: str = "float32") -> int:
-    """Writes a run's checkpoint (default: the latest) as a Hugging Face directory; returns its iteration."""
-    from jaxrl_fp16.config import load_config
+                      dtype: str = "float32", overwrite: bool = False) -> int:
+    """Writes a run's checkpoint (default: the latest) as a Hugging Face directory; returns its iteration.
 
-    config_file = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    run = load_config(config_file)
-    checkpointer = Checkpointer(checkpoint_dir(run_dir), keep=run.checkpoint.keep)
+    The model is built from the config that produced that checkpoint (kept in its meta; for older runs, the
+    run directory's stored config), also when a resume changed the config since.
+    """
+    stored = stored_config(run_dir)
+    checkpointer = Checkpointer(checkpoint_dir(run_dir), keep=stored.checkpoint.keep)
     try:
         if not checkpointer.all():
             raise FileNotFoundError(f"no checkpoint in {run_dir}")
         if iteration is not None and iteration not in checkpointer.all():
             raise ValueError(f"no checkpoint of iteration {iteration} in {run_dir}; have {checkpointer.all()}")
+        chosen = checkpointer.latest() if iteration is None else iteration
+        try:
+            run = checkpoint_config(run_dir, checkpointer.meta(chosen), chosen)
+        except CheckpointError:  # the restore below names what is broken and the newest checkpoint that restores
+            run = stored
         base_dir = ensure_base_model(run, progress=False)
         model_cfg, params = load_hf_params(base_dir)
         optimizer = make_optimizer(run)
@@ -392,5 +420,5 @@ def export_checkpoint(run_dir: str, out_dir: str, *, iteration: int | None = Non
     finally:
         checkpointer.close()
     save_hf_params(_exported_policy(run, state.params, lora, params), model_cfg, out_dir, dtype=dtype,
-                   tokenizer_from=base_dir)
+                   tokenizer_from=base_dir, overwrite=overwrite, sources=[run_dir])
     return int(meta["iteration"])
