@@ -118,12 +118,14 @@ def _fp16_check(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
+    from jaxrl_fp16.outputs import ensure_writable_dir
     from jaxrl_fp16.precision import parse_dtype
     from jaxrl_fp16.study import run_study
 
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     for d in dtypes:
         parse_dtype(d)
+    ensure_writable_dir(args.out)
     result = run_study(args.model, args.out, dtypes=dtypes, num_prompts=args.num_prompts,
                        prompt_len=args.prompt_len, max_new_tokens=args.max_new_tokens,
                        samples_per_prompt=args.samples_per_prompt, seed=args.seed, temperature=args.temperature)
@@ -134,8 +136,10 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _sanity(args: argparse.Namespace) -> int:
+    from jaxrl_fp16.outputs import ensure_writable_dir
     from jaxrl_fp16.sanity import run_sanity
 
+    ensure_writable_dir(args.out)
     report = run_sanity(args.out, quick=args.quick, sampler=args.sampler, overrides=args.overrides,
                         progress=not args.no_progress)
     print("\n".join(f"- {s}" for s in report["findings"]))

@@ -259,15 +259,19 @@ def test_the_write_probe_catches_what_permissions_allow():
         ensure_writable_dir("/proc/jaxrl_out")
 
 
-@pytest.mark.parametrize("command", ["mismatch", "fp16-check"])
+@pytest.mark.parametrize("command", ["mismatch", "fp16-check", "study", "sanity"])
 def test_unwritable_output_is_refused_before_any_work(command, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     missing_model = str(tmp_path / "no_model")  # loading it would fail: the output is checked first
     if command == "mismatch":
         argv = ["mismatch", "--model", missing_model, "--dtype", "float32", "--num-prompts", "1", "--prompt-len",
                 "2", "--max-new-tokens", "2", "--seed", "0", "--out", str(tmp_path / "file" / "out")]
-    else:
+    elif command == "fp16-check":
         argv = ["fp16-check", missing_model, "--out", str(tmp_path / "file" / "report.json")]
+    elif command == "study":
+        argv = ["study", "--model", missing_model, "--out", str(tmp_path / "file" / "out")]
+    else:
+        argv = ["sanity", "--quick", "--out", str(tmp_path / "file" / "out"), f"model.path={missing_model}"]
     assert main(argv) == 2
     err = _error(capsys)
     assert "cannot write" in err and str(tmp_path / "file") in err and "no_model" not in err
