@@ -17,7 +17,8 @@ import numpy as np
 
 from benchmarks.common import Comparison
 from benchmarks.decode import prefix_agreement, random_prompts, responses
-from jaxrl_fp16.models.hf import hf_state_dict, load_hf_params
+from jaxrl_fp16.models.hf import load_hf_params
+from jaxrl_fp16.models.hf_table import hf_state_dict
 from jaxrl_fp16.sampling import JaxSampler, SamplingSettings, create_sampler
 
 __all__ = ["run_weight_push"]

@@ -30,6 +30,7 @@ from jaxrl_fp16.models.config import Numerics
 from jaxrl_fp16.precision import get_policy
 from jaxrl_fp16.rl.losses import LossConfig
 from jaxrl_fp16.rl.ppo import CriticConfig
+from jaxrl_fp16.sampling.options import SAMPLERS, EngineOptions, JaxOptions, TransformersOptions, VLLMOptions
 
 __all__ = ["RunConfig", "TinyModelConfig", "ModelSection", "TaskSection", "PerfectibleSection", "SamplerSection",
            "OptimSection", "LossScaleSection", "TrainSection", "SFTSection", "CheckpointSection", "LogSection",
@@ -262,7 +263,6 @@ class SamplerSection:
 
     def __post_init__(self):
         from jaxrl_fp16.precision import as_dtype
-        from jaxrl_fp16.sampling import SAMPLERS
 
         _check_fields(self, "sampler")
         if self.name not in SAMPLERS:
@@ -290,6 +290,14 @@ class SamplerSection:
 
         return SamplingSettings(max_new_tokens=self.max_new_tokens, samples_per_prompt=samples_per_prompt,
                                 temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=seed)
+
+    def engine_options(self) -> EngineOptions:
+        """The typed options of engine `name` that this section sets (`create_sampler(..., options=...)`)."""
+        if self.name == "vllm":
+            return VLLMOptions(tensor_parallel_size=self.tensor_parallel_size)
+        if self.name == "transformers":
+            return TransformersOptions(max_batch_size=self.max_batch_size)
+        return JaxOptions(max_batch_size=self.max_batch_size)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxrl_fp16.config import ConfigError
 from jaxrl_fp16.models.config import ModelConfig
-from jaxrl_fp16.models.hf import HF_TABLE, expected_params_shapes
+from jaxrl_fp16.models.hf_table import HF_TABLE, expected_params_shapes
 from jaxrl_fp16.precision import Policy
 
 __all__ = ["LORA_TARGETS", "LoRASpec", "LoRA", "target_paths", "init_adapters", "merge_params", "export_params",

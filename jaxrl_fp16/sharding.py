@@ -32,7 +32,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxrl_fp16.models.config import ModelConfig
-from jaxrl_fp16.models.hf import hf_state_dict
+from jaxrl_fp16.models.hf_table import hf_state_dict
 
 __all__ = ["MESH_AXES", "BATCH_AXES", "resolve_mesh_shape", "make_mesh", "axis_sizes", "param_spec",
            "param_specs", "shard_shape", "elements_per_device", "param_shardings", "state_shardings",
@@ -240,7 +240,8 @@ def gather_to_host(x: Any, layer: int | None = None) -> np.ndarray:
 
 
 class HostGathered:
-    """A (sharded) array seen from the host: `leaf[i]` gathers layer i only, `np.asarray(leaf)` all of it."""
+    """A (sharded) array seen from the host: `leaf[i]` gathers layer i only, `np.asarray(leaf)` all of it, `leaf.T`
+    all of it transposed (a view)."""
 
     __slots__ = ("array",)
 
@@ -264,22 +265,28 @@ class HostGathered:
             raise TypeError(f"HostGathered takes one integer layer index, got {layer!r}")
         return gather_to_host(self.array, int(layer))
 
+    @property
+    def T(self) -> np.ndarray:
+        return gather_to_host(self.array).T
+
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         a = gather_to_host(self.array)
         return a if dtype is None else a.astype(dtype)
 
 
 def host_streamed(params: Any) -> Any:
-    """The parameter tree with every leaf wrapped in `HostGathered` (for `hf_state_dict`/`save_hf_params`)."""
+    """The parameter tree with every leaf wrapped in `HostGathered` (for `iter_hf_tensors`, `hf_state_dict` and
+    `save_hf_params`)."""
     return jax.tree_util.tree_map(HostGathered, params)
 
 
 def stream_hf_weights(params: Any, cfg: ModelConfig, dtype: Any = "float32") -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, numpy array in HF layout and `dtype`) one tensor at a time from a possibly sharded tree.
 
-    The same tensors, in the same order, as `hf_state_dict` of the unsharded tree; each layer's slice of the
-    stacked arrays is gathered to the host on its own, so the push of a model sharded over many devices never
-    needs an unsharded copy of all parameters on any device, and at most one tensor on the host at a time.
+    `hf_state_dict` over the `host_streamed` tree: the same tensors, in the same order, as of the unsharded tree;
+    each layer's slice of the stacked arrays is gathered to the host on its own, so the push of a model sharded
+    over many devices never needs an unsharded copy of all parameters on any device, and at most one tensor on
+    the host at a time. The tree is checked before this returns (see `iter_hf_tensors`).
     """
     return hf_state_dict(host_streamed(params), cfg, dtype)
 

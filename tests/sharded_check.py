@@ -19,7 +19,7 @@ from jaxrl_fp16.checkpoint import Checkpointer
 from jaxrl_fp16.loss_scale import DynamicLossScale, NoOpLossScale
 from jaxrl_fp16.models.config import ModelConfig
 from jaxrl_fp16.models.decoder import CausalLM, causal_inputs, token_logprobs
-from jaxrl_fp16.models.hf import hf_state_dict
+from jaxrl_fp16.models.hf_table import hf_state_dict
 from jaxrl_fp16.step import TrainState, make_train_step
 
 CFG = ModelConfig(arch="qwen2", vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,

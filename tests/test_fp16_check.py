@@ -11,7 +11,7 @@ from jaxrl_fp16 import fp16_check
 from jaxrl_fp16.fp16_check import LAYER_OPS, fp16_readiness
 from jaxrl_fp16.models.config import ModelConfig
 from jaxrl_fp16.models.decoder import CausalLM, causal_inputs
-from jaxrl_fp16.models.hf import expected_params_shapes
+from jaxrl_fp16.models.hf_table import expected_params_shapes
 
 F16_MAX = 65504.0
 # Qwen3-like (q/k norms), untied head, 3 layers.

@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jaxrl_fp16.models import hf
 from jaxrl_fp16.models.config import ModelConfig
-from jaxrl_fp16.models.hf import (CheckpointError, expected_params_shapes, hf_state_dict, load_hf_params,
-                                  save_hf_params)
+from jaxrl_fp16.models.hf import CheckpointError, load_hf_params, save_hf_params
+from jaxrl_fp16.models.hf_table import expected_params_shapes, hf_entries, hf_state_dict, iter_hf_tensors
 from jaxrl_fp16.models.tiny import CHARS, make_tiny
 from jaxrl_fp16.outputs import OUTPUT_MARKER
 
@@ -114,6 +114,33 @@ def test_hf_state_dict_layout_and_values(references, imported):
     for name, array in hf_state_dict(params, cfg, "float32"):
         assert array.flags.c_contiguous and array.dtype == np.float32
         np.testing.assert_array_equal(array, ref[name].numpy(), err_msg=name)
+
+
+def test_iter_hf_tensors_checks_first_then_converts_one_tensor_at_a_time(references, imported):
+    """The one route out of the table: HF layout (layer slices, (out, in)) into the converter, in hf_entries order."""
+    cfg, params = imported["llama"]
+    ref = references["llama"].state_dict()
+    calls = []
+
+    def convert(x):
+        calls.append(x.shape)
+        return np.asarray(x)
+
+    tensors = iter_hf_tensors(params, cfg, convert)
+    assert calls == []  # lazy: nothing converted before it is asked for
+    names = []
+    for name, x in tensors:
+        assert len(calls) == len(names) + 1, name  # one tensor at a time
+        np.testing.assert_array_equal(x, ref[name].numpy(), err_msg=name)
+        names.append(name)
+    assert names == [name for name, _, _ in hf_entries(cfg)] and set(names) == set(ref)
+    bad = jax.tree.map(lambda x: x, params)
+    bad["layers"]["mlp"]["up_proj"]["kernel"] = bad["layers"]["mlp"]["up_proj"]["kernel"][:, :, :-1]
+    with pytest.raises(CheckpointError, match=r"up_proj/kernel \(HF model.layers.{i}.mlp.up_proj.weight\) has"):
+        iter_hf_tensors(bad, cfg, convert)
+    with pytest.raises(CheckpointError, match="does not use: extra/w"):
+        iter_hf_tensors({**params, "extra": {"w": np.zeros(2)}}, cfg, convert)
+    assert len(calls) == len(names)  # a refused tree reached no converter
 
 
 # ----- input formats -----

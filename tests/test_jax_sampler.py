@@ -1,14 +1,18 @@
 """The built-in JAX sampler: mu equals the trainer's pi in FP32, determinism, no recompiles, stops, errors,
 and the paper's BF16-vs-FP16 gap on a sharp tiny model."""
 
+import logging
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxrl_fp16 import mismatch
+from jaxrl_fp16.config import SamplerSection
 from jaxrl_fp16.models.hf import load_hf_params
 from jaxrl_fp16.models.tiny import make_tiny
-from jaxrl_fp16.sampling import SamplingSettings, create_sampler
+from jaxrl_fp16.sampling import (JaxOptions, SamplingSettings, TransformersOptions, VLLMOptions,
+                                 create_sampler)
 from jaxrl_fp16.sampling import jax_sampler
 from jaxrl_fp16.sampling.jax_sampler import JaxSampler, processed_logits
 from jaxrl_fp16.scoring import Scorer
@@ -144,6 +148,47 @@ def test_bad_input_fails_before_work(tiny):
         JaxSampler(cfg, params, dtype="fp8")
     with pytest.raises(ValueError, match="temperature"):
         SamplingSettings(max_new_tokens=4, temperature=-1)
+
+
+def test_engine_options_come_from_the_run_config(tiny):
+    _, cfg, params = tiny
+    assert SamplerSection(name="jax", max_batch_size=4).engine_options() == JaxOptions(max_batch_size=4)
+    assert SamplerSection(name="transformers", max_batch_size=8).engine_options() == TransformersOptions(
+        max_batch_size=8)
+    assert SamplerSection(name="vllm", tensor_parallel_size=2).engine_options() == VLLMOptions(
+        tensor_parallel_size=2)
+    options = SamplerSection(name="jax", max_batch_size=4).engine_options()
+    sampler = create_sampler("jax", cfg=cfg, params=params, model_dir=None, dtype="float32",
+                             trainer_dtype="float32", options=options)
+    assert isinstance(sampler, JaxSampler) and sampler.max_batch_size == 4 and sampler.prompt_bucket == 16
+    assert sampler.last_push_seconds is not None  # the params were pushed
+    with pytest.raises(TypeError, match="the jax sampler takes JaxOptions, got VLLMOptions"):
+        create_sampler("jax", cfg=cfg, params=params, model_dir=None, dtype="float32", options=VLLMOptions())
+    with pytest.raises(ValueError, match="unknown sampler 'sglang'; valid: jax, vllm, transformers"):
+        create_sampler("sglang", cfg=cfg, params=params, model_dir=None, dtype="float32")
+
+
+def test_an_allowed_dtype_mismatch_is_built_and_logged(tiny, caplog):
+    _, cfg, params = tiny
+    with caplog.at_level(logging.INFO, logger="jaxrl_fp16.sampling"):
+        sampler = create_sampler("jax", cfg=cfg, params=params, model_dir=None, dtype="bfloat16",
+                                 trainer_dtype="float16", allow_dtype_mismatch=True)
+    assert sampler.compute_dtype == jnp.bfloat16
+    assert "jax sampler: engine dtype bfloat16, trainer dtype float16 (mismatch allowed)" in caplog.messages
+
+
+def test_a_closed_sampler_refuses_use(tiny):
+    _, cfg, params = tiny
+    settings = SamplingSettings(max_new_tokens=4)
+    with JaxSampler(cfg, params) as sampler:
+        assert not sampler.closed
+        assert sampler.generate([[11, 12]], settings).num_rows == 1
+    assert sampler.closed
+    sampler.close()  # twice is fine
+    with pytest.raises(RuntimeError, match="this JaxSampler is closed"):
+        sampler.generate([[11, 12]], settings)
+    with pytest.raises(RuntimeError, match="this JaxSampler is closed"):
+        sampler.push_weights(params)
 
 
 def test_bf16_mismatch_is_much_larger_than_fp16(tiny):

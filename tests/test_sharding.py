@@ -15,6 +15,7 @@ from jaxrl_fp16 import sharding
 from jaxrl_fp16.config import ConfigError, load_config
 from jaxrl_fp16.memory import DoesNotFitError, MemoryEstimate, check_fits, device_bytes_limit, estimate_memory
 from jaxrl_fp16.models.config import ModelConfig
+from jaxrl_fp16.models.hf_table import expected_params_shapes, hf_state_dict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -170,6 +171,25 @@ def test_check_fits_names_the_numbers():
 
 def test_cpu_devices_report_no_limit():
     assert device_bytes_limit(jax.devices("cpu")) is None
+
+
+def test_host_streaming_on_one_device_equals_the_numpy_export():
+    """`stream_hf_weights` of device arrays: the numpy export's tensors, bit for bit (the untied head's transpose
+    goes through `HostGathered.T`)."""
+    cfg = ModelConfig(arch="llama", vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                      num_kv_heads=1, head_dim=16, tie_word_embeddings=False)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.standard_normal(s).astype(np.float32), expected_params_shapes(cfg),
+                          is_leaf=lambda x: isinstance(x, tuple))
+    on_device = jax.tree.map(jax.numpy.asarray, params)
+    assert sharding.host_streamed(on_device)["lm_head"]["kernel"].T.shape == (48, 32)
+    for dtype in ("float32", "bfloat16"):
+        want = list(hf_state_dict(params, cfg, dtype))
+        got = list(sharding.stream_hf_weights(on_device, cfg, dtype))
+        assert [n for n, _ in got] == [n for n, _ in want] and len(want) == 3 + 2 * 9
+        for (name, a), (_, b) in zip(want, got):
+            assert b.dtype == a.dtype and b.flags.c_contiguous, name
+            np.testing.assert_array_equal(b.view(np.uint8), a.view(np.uint8), err_msg=name)
 
 
 # ----- 8 simulated devices -----

@@ -15,10 +15,11 @@ from jaxrl_fp16 import torch_bridge
 from jaxrl_fp16.cli import main
 from jaxrl_fp16.config import load_config
 from jaxrl_fp16.mismatch import METRIC_NAMES, mismatch_metrics, summarize
-from jaxrl_fp16.models.hf import CheckpointError, hf_state_dict, load_hf_params
+from jaxrl_fp16.models.hf import CheckpointError, load_hf_params
+from jaxrl_fp16.models.hf_table import hf_state_dict
 from jaxrl_fp16.models.tiny import make_tiny
 from jaxrl_fp16.rl.trainer import Trainer
-from jaxrl_fp16.sampling import SAMPLERS, Sampler, SamplingSettings, create_sampler
+from jaxrl_fp16.sampling import SAMPLERS, Sampler, SamplingSettings, TransformersOptions, create_sampler
 from jaxrl_fp16.sampling.transformers_sampler import TransformersSampler, response_lengths
 from jaxrl_fp16.scoring import Scorer
 from sampler_references import filtered_logprob, perturbed, trainer_logits
@@ -85,7 +86,8 @@ def test_dtype_disagreement_is_refused_before_the_model_loads(models, monkeypatc
     monkeypatch.setattr(torch_bridge, "load_causal_lm", no_model)
     path, cfg, params = models["qwen2"]
     with pytest.raises(ValueError, match="float16.*bfloat16"):
-        TransformersSampler(path, dtype="float16", trainer_dtype="bfloat16")
+        create_sampler("transformers", cfg=cfg, params=params, model_dir=path, dtype="float16",
+                       trainer_dtype="bfloat16", options=TransformersOptions(max_batch_size=4))
     with pytest.raises(ValueError, match="float16.*float32"):
         create_sampler("transformers", cfg=cfg, params=params, model_dir=path, dtype="float16",
                        trainer_dtype="float32")
@@ -324,7 +326,7 @@ def test_half_precision_pushes_and_the_bf16_gap(models):
     settings = SamplingSettings(max_new_tokens=24, samples_per_prompt=4, ignore_eos=True, seed=0)
     metrics = {}
     for dtype in ("float16", "bfloat16"):
-        with TransformersSampler(path, dtype=dtype, trainer_dtype=dtype) as sampler:
+        with TransformersSampler(path, dtype=dtype) as sampler:
             sampler.push_weights(perturbed(params))
             sampler.push_weights(params)
             assert {str(p.dtype) for p in sampler._model.parameters()} == {f"torch.{dtype}"}

@@ -22,10 +22,11 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
 from jaxrl_fp16.mismatch import mismatch_metrics, summarize  # noqa: E402
+from jaxrl_fp16.models.config import ModelConfig  # noqa: E402
 from jaxrl_fp16.models.decoder import CausalLM, token_logprobs  # noqa: E402
 from jaxrl_fp16.models.hf import CheckpointError, load_hf_params  # noqa: E402
 from jaxrl_fp16.models.tiny import make_tiny  # noqa: E402
-from jaxrl_fp16.sampling import vllm_sampler  # noqa: E402
+from jaxrl_fp16.sampling import JaxOptions, VLLMOptions, create_sampler  # noqa: E402
 from jaxrl_fp16.sampling.base import Sampler, SamplingSettings  # noqa: E402
 from jaxrl_fp16.sampling.vllm_sampler import VLLMSampler, torch_weights  # noqa: E402
 from sampler_references import filtered_logprob, perturbed, trainer_logits  # noqa: E402
@@ -35,7 +36,7 @@ FP32_TOL = 1e-4
 
 
 class _Engines:
-    """At most one open VLLMSampler; keeps the sampler's log messages."""
+    """At most one open VLLMSampler, built by `create_sampler`; keeps the samplers' log messages."""
 
     def __init__(self, model_dir):
         self.model_dir = model_dir
@@ -46,14 +47,16 @@ class _Engines:
         if self.current is not None and self.current.compute_dtype == np.dtype(dtype):
             return self.current
         self.close()
-        log = logging.getLogger(vllm_sampler.__name__)
+        log = logging.getLogger("jaxrl_fp16.sampling")
         handler = logging.Handler()
         handler.emit = lambda record: self.messages.append(record.getMessage())
         level = log.level
         log.setLevel(logging.INFO)
         log.addHandler(handler)
         try:
-            self.current = VLLMSampler(self.model_dir, dtype=dtype, trainer_dtype=dtype, max_model_len=MAX_LEN)
+            self.current = create_sampler("vllm", cfg=ModelConfig.from_hf_dir(self.model_dir), params=None,
+                                          model_dir=self.model_dir, dtype=dtype, trainer_dtype=dtype,
+                                          options=VLLMOptions(max_model_len=MAX_LEN))
         finally:
             log.removeHandler(handler)
             log.setLevel(level)
@@ -130,8 +133,11 @@ def test_dtype_disagreement_is_refused_before_the_engine_starts(model_dir, monke
         raise AssertionError("the engine was started")
 
     monkeypatch.setattr(vllm, "LLM", no_engine)
+    cfg = ModelConfig.from_hf_dir(model_dir)
     with pytest.raises(ValueError, match="float16.*bfloat16"):
-        VLLMSampler(model_dir, dtype="float16", trainer_dtype="bfloat16")
+        create_sampler("vllm", cfg=cfg, params=None, model_dir=model_dir, dtype="float16", trainer_dtype="bfloat16")
+    with pytest.raises(TypeError, match="the vllm sampler takes VLLMOptions, got JaxOptions"):
+        create_sampler("vllm", cfg=cfg, params=None, model_dir=model_dir, dtype="float16", options=JaxOptions())
     with pytest.raises(ValueError, match="processed_logprobs"):
         VLLMSampler(model_dir, dtype="float16", logprobs_mode="raw_logprobs")
 

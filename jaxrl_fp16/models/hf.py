@@ -1,10 +1,8 @@
-"""Import and export of Hugging Face checkpoints through one declarative name/layout table.
+"""Reading and writing Hugging Face checkpoint folders, through the name/layout table of `models.hf_table`.
 
-`HF_TABLE` maps every HF tensor name to a path in the Flax parameter tree. Per-layer HF tensors
-(`model.layers.{i}.*`) are stacked on a leading axis of length `num_layers`; HF linear weights are stored
-(out, in) and Flax kernels (in, out), so those rows are transposed. Optional rows name the `ModelConfig` flag
-that enables them ("!flag" means "enabled when the flag is false"). The same table drives
-`expected_params_shapes`, `load_hf_params`, `hf_state_dict` (export and weight pushes) and `save_hf_params`.
+`load_hf_params` reads safetensors (single or sharded) or `pytorch_model*.bin` files into the FP32 Flax tree;
+`save_hf_params` writes the tree (`hf_state_dict`, cast to a storage dtype) as safetensors with config.json and
+the tokenizer files; `load_tokenizer` checks a folder's tokenizer files before transformers reads them.
 
 Loading is lazy: each tensor is read on its own from the memory-mapped file and written into a preallocated
 FP32 array, so peak memory is the FP32 model plus one tensor.
@@ -19,7 +17,7 @@ import pickle
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -27,62 +25,21 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxrl_fp16.models.config import ModelConfig
+from jaxrl_fp16.models.hf_table import (CheckpointError, Row, enabled_rows, hf_dtype, hf_entries, hf_shape,
+                                        hf_state_dict, leaf_shape, set_path)
 from jaxrl_fp16.outputs import TOKENIZER_FILES, atomic_dir
 
-__all__ = ["HF_TABLE", "Row", "CheckpointError", "CorruptCheckpointError", "NonFiniteWeightsError",
-           "TokenizerNotFoundError", "expected_params_shapes", "hf_state_dict", "load_hf_params", "save_hf_params",
-           "check_tokenizer_files", "load_tokenizer"]
+__all__ = ["CheckpointError", "CorruptCheckpointError", "NonFiniteWeightsError", "TokenizerNotFoundError",
+           "load_hf_params", "save_hf_params", "check_tokenizer_files", "load_tokenizer"]
 
-
-class Row(NamedTuple):
-    """One HF tensor <-> one Flax leaf (one slice of it when `per_layer`)."""
-
-    hf: str  # HF name; "{i}" stands for the layer index
-    path: tuple[str, ...]  # path in the Flax parameter tree
-    per_layer: bool  # Flax leaf is stacked [L, ...] over layers
-    transpose: bool  # HF (out, in) <-> Flax (in, out)
-    shape: tuple[str, ...]  # Flax shape (per layer) in the symbols of `_dims`
-    when: str | None = None  # ModelConfig flag enabling the row; "!flag": enabled when the flag is false
-
-
-_L = "model.layers.{i}."
-HF_TABLE: tuple[Row, ...] = (
-    Row("model.embed_tokens.weight", ("embed", "embedding"), False, False, ("V", "H")),
-    Row(_L + "self_attn.q_proj.weight", ("layers", "attn", "q_proj", "kernel"), True, True, ("H", "Q")),
-    Row(_L + "self_attn.q_proj.bias", ("layers", "attn", "q_proj", "bias"), True, False, ("Q",), "qkv_bias"),
-    Row(_L + "self_attn.k_proj.weight", ("layers", "attn", "k_proj", "kernel"), True, True, ("H", "K")),
-    Row(_L + "self_attn.k_proj.bias", ("layers", "attn", "k_proj", "bias"), True, False, ("K",), "qkv_bias"),
-    Row(_L + "self_attn.v_proj.weight", ("layers", "attn", "v_proj", "kernel"), True, True, ("H", "K")),
-    Row(_L + "self_attn.v_proj.bias", ("layers", "attn", "v_proj", "bias"), True, False, ("K",), "qkv_bias"),
-    Row(_L + "self_attn.o_proj.weight", ("layers", "attn", "o_proj", "kernel"), True, True, ("Q", "H")),
-    Row(_L + "self_attn.o_proj.bias", ("layers", "attn", "o_proj", "bias"), True, False, ("H",), "o_bias"),
-    Row(_L + "self_attn.q_norm.weight", ("layers", "attn", "q_norm", "scale"), True, False, ("D",), "qk_norm"),
-    Row(_L + "self_attn.k_norm.weight", ("layers", "attn", "k_norm", "scale"), True, False, ("D",), "qk_norm"),
-    Row(_L + "mlp.gate_proj.weight", ("layers", "mlp", "gate_proj", "kernel"), True, True, ("H", "I")),
-    Row(_L + "mlp.gate_proj.bias", ("layers", "mlp", "gate_proj", "bias"), True, False, ("I",), "mlp_bias"),
-    Row(_L + "mlp.up_proj.weight", ("layers", "mlp", "up_proj", "kernel"), True, True, ("H", "I")),
-    Row(_L + "mlp.up_proj.bias", ("layers", "mlp", "up_proj", "bias"), True, False, ("I",), "mlp_bias"),
-    Row(_L + "mlp.down_proj.weight", ("layers", "mlp", "down_proj", "kernel"), True, True, ("I", "H")),
-    Row(_L + "mlp.down_proj.bias", ("layers", "mlp", "down_proj", "bias"), True, False, ("H",), "mlp_bias"),
-    Row(_L + "input_layernorm.weight", ("layers", "input_norm", "scale"), True, False, ("H",)),
-    Row(_L + "post_attention_layernorm.weight", ("layers", "post_attn_norm", "scale"), True, False, ("H",)),
-    Row("model.norm.weight", ("final_norm", "scale"), False, False, ("H",)),
-    Row("lm_head.weight", ("lm_head", "kernel"), False, True, ("H", "V"), "!tie_word_embeddings"),
-)
 
 # Tensors some checkpoints carry that are buffers, not parameters.
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.\w*inv_freq$")
 _TIED_HEAD = "lm_head.weight"
 _EMBED = "model.embed_tokens.weight"
-_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-           "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _ST_SINGLE, _ST_INDEX = "model.safetensors", "model.safetensors.index.json"
 _PT_SINGLE, _PT_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000
-
-
-class CheckpointError(ValueError):
-    """A checkpoint's tensors do not match the model config (missing, unexpected or mis-shaped tensors)."""
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -93,125 +50,7 @@ class NonFiniteWeightsError(CheckpointError):
     """A checkpoint holds NaN or infinite weights."""
 
 
-# ----- the table, expanded for one config -----
-
-def _dims(cfg: ModelConfig) -> dict[str, int]:
-    return {"V": cfg.vocab_size, "H": cfg.hidden_size, "I": cfg.intermediate_size, "D": cfg.head_dim,
-            "Q": cfg.num_heads * cfg.head_dim, "K": cfg.num_kv_heads * cfg.head_dim}
-
-
-def _enabled(row: Row, cfg: ModelConfig) -> bool:
-    if row.when is None:
-        return True
-    flag = row.when.removeprefix("!")
-    return bool(getattr(cfg, flag)) != row.when.startswith("!")
-
-
-def _rows(cfg: ModelConfig) -> list[Row]:
-    return [row for row in HF_TABLE if _enabled(row, cfg)]
-
-
-def _leaf_shape(row: Row, cfg: ModelConfig) -> tuple[int, ...]:
-    """The Flax leaf shape of a row (stacked over layers when per_layer)."""
-    dims = _dims(cfg)
-    shape = tuple(dims[s] for s in row.shape)
-    return (cfg.num_layers, *shape) if row.per_layer else shape
-
-
-def _hf_shape(row: Row, cfg: ModelConfig) -> tuple[int, ...]:
-    dims = _dims(cfg)
-    shape = tuple(dims[s] for s in row.shape)
-    return shape[::-1] if row.transpose else shape
-
-
-def _hf_entries(cfg: ModelConfig) -> Iterator[tuple[str, Row, int | None]]:
-    """(hf_name, row, layer index or None), in export order: embeddings, layer by layer, final norm, head."""
-    rows = _rows(cfg)
-    for row in rows:
-        if not row.per_layer and row.path[0] == "embed":
-            yield row.hf, row, None
-    for i in range(cfg.num_layers):
-        for row in rows:
-            if row.per_layer:
-                yield row.hf.format(i=i), row, i
-    for row in rows:
-        if not row.per_layer and row.path[0] != "embed":
-            yield row.hf, row, None
-
-
-def expected_params_shapes(cfg: ModelConfig) -> dict[str, Any]:
-    """The nested dict of Flax parameter shapes that `cfg` implies (layers stacked on axis 0)."""
-    tree: dict[str, Any] = {}
-    for row in _rows(cfg):
-        _set_path(tree, row.path, _leaf_shape(row, cfg))
-    return tree
-
-
-def _set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get_path(tree: Mapping, path: tuple[str, ...]) -> Any:
-    for depth, key in enumerate(path):
-        if not isinstance(tree, Mapping) or key not in tree:
-            raise CheckpointError(f"params lack the leaf {'/'.join(path[:depth + 1])}")
-        tree = tree[key]
-    return tree
-
-
-def _leaf_paths(tree: Mapping, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _leaf_paths(value, (*prefix, key))
-        else:
-            yield (*prefix, key)
-
-
-def _dtype(dtype: Any) -> np.dtype:
-    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
-    if name not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported; supported: {', '.join(_DTYPES)}")
-    return _DTYPES[name]
-
-
 # ----- export -----
-
-def hf_state_dict(params: Mapping, cfg: ModelConfig, dtype: Any = "float32") -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (HF name, numpy array in HF (out, in) layout, cast to `dtype`) one tensor at a time.
-
-    Args:
-      params: the Flax parameter tree (numpy or jax arrays, any float dtype).
-      cfg: the model config that the tree follows.
-      dtype: "float32", "float16" or "bfloat16" (or the matching numpy/jax dtype); casts round to nearest even.
-
-    Returns:
-      An iterator in checkpoint order. The tree's structure and every leaf's shape are checked by this call,
-      before any tensor is produced; a mismatch raises CheckpointError naming the leaf and its HF tensor.
-    """
-    out_dtype = _dtype(dtype)
-    rows = _rows(cfg)
-    expected = {row.path: row for row in rows}
-    extra = sorted("/".join(p) for p in _leaf_paths(params) if p not in expected)
-    if extra:
-        raise CheckpointError(f"params have leaves that {cfg.arch} with this config does not use: "
-                              f"{', '.join(extra)}")
-    for row in rows:
-        leaf = _get_path(params, row.path)
-        want = _leaf_shape(row, cfg)
-        if tuple(leaf.shape) != want:
-            raise CheckpointError(f"params leaf {'/'.join(row.path)} (HF {row.hf}) has shape {tuple(leaf.shape)}, "
-                                  f"expected {want}")
-    return _iter_state_dict(params, cfg, out_dtype)
-
-
-def _iter_state_dict(params: Mapping, cfg: ModelConfig, out_dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
-    for name, row, i in _hf_entries(cfg):
-        leaf = _get_path(params, row.path)
-        x = np.asarray(leaf if i is None else leaf[i])
-        yield name, np.array(x.T if row.transpose else x, dtype=out_dtype, order="C")
-
 
 def save_hf_params(params: Mapping, cfg: ModelConfig, out_dir: str | os.PathLike, *, dtype: Any = "float32",
                    tokenizer_from: str | os.PathLike | None = None,
@@ -236,7 +75,7 @@ def save_hf_params(params: Mapping, cfg: ModelConfig, out_dir: str | os.PathLike
     Returns:
       The absolute path of the written folder.
     """
-    out_dtype = _dtype(dtype)
+    out_dtype = hf_dtype(dtype)
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
     tensors = hf_state_dict(params, cfg, out_dtype)  # validates before anything is written
@@ -449,12 +288,12 @@ def load_hf_params(path: str | os.PathLike, cfg: ModelConfig | None = None, *,
     if cfg is None:
         cfg = ModelConfig.from_hf_dir(path)
     reader_cls, files, weight_map = _checkpoint_files(path)
-    entries = {name: (row, i) for name, row, i in _hf_entries(cfg)}
+    entries = {name: (row, i) for name, row, i in hf_entries(cfg)}
     readers = [reader_cls(f) for f in files]
     nonfinite: list[str] = []
     try:
         located = _locate(readers, entries, cfg, weight_map, path)
-        params_np = {row.path: np.empty(_leaf_shape(row, cfg), np.float32) for row in _rows(cfg)}
+        params_np = {row.path: np.empty(leaf_shape(row, cfg), np.float32) for row in enabled_rows(cfg)}
         tied_head = located.get(_TIED_HEAD) if cfg.tie_word_embeddings else None
         for reader in readers:  # file by file, unmapping each file once it has been read
             for name, (row, i) in entries.items():
@@ -482,7 +321,7 @@ def load_hf_params(path: str | os.PathLike, cfg: ModelConfig | None = None, *,
                                     f"--allow-nonfinite, loads them anyway): " + "; ".join(shown))
     params: dict[str, Any] = {}
     for leaf_path, array in params_np.items():
-        _set_path(params, leaf_path, array)
+        set_path(params, leaf_path, array)
     return cfg, params
 
 
@@ -491,12 +330,12 @@ def _locate(readers: list, entries: dict[str, tuple[Row, int | None]], cfg: Mode
     """Maps every tensor the model needs to the reader holding it; checks names and shapes from headers only."""
     located: dict[str, Any] = {}
     problems: list[str] = []
-    embed_shape = _hf_shape(entries[_EMBED][0], cfg)
+    embed_shape = hf_shape(entries[_EMBED][0], cfg)
     for reader in readers:
         file = os.path.basename(reader.path)
         for name, shape in reader.shapes().items():
             if name in entries:
-                want = _hf_shape(entries[name][0], cfg)
+                want = hf_shape(entries[name][0], cfg)
             elif name == _TIED_HEAD and cfg.tie_word_embeddings:
                 want = embed_shape
             elif _IGNORED.search(name):

@@ -175,10 +175,7 @@ class Trainer:
         self.sampler = create_sampler(run.sampler.name, cfg=self.model_cfg, params=params, model_dir=self.base_dir,
                                       dtype=sampler_dtype, trainer_dtype=compute,
                                       allow_dtype_mismatch=run.sampler.allow_dtype_mismatch, numerics=numerics,
-                                      seed=run.seed, **({"max_batch_size": run.sampler.max_batch_size}
-                                                        if run.sampler.name in ("jax", "transformers") else
-                                                        {"tensor_parallel_size": run.sampler.tensor_parallel_size}
-                                                        if run.sampler.name == "vllm" else {}))
+                                      seed=run.seed, options=run.sampler.engine_options())
         self.problems, self.prompt_stats = build_prompt_set(run, self.base_dir, self.model_cfg, params,
                                                             self.tokenizer, self.task, self.sampler)
         self.prompt_ids = [self.tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in self.problems]

@@ -8,18 +8,26 @@ Layout of a rollout (N = prompts x samples_per_prompt rows, grouped by prompt; T
     logprobs        f32   [N, T]   log mu of the sampled token at t, 0 elsewhere
 Entry t of any per-token array refers to tokens[:, t] given tokens[:, :t], the convention of the trainer's
 `token_logprobs`, so the two engines' log-probs compare position by position.
+
+`BaseSampler` holds what every engine shares: the weight push timed, and the lifetime (open until `close()`,
+a context manager, every use after close refused).
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+import logging
+import time
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from jaxrl_fp16.precision import as_dtype
 
-__all__ = ["SamplingSettings", "Rollout", "Sampler", "validate_prompts", "check_dtypes_agree"]
+__all__ = ["SamplingSettings", "Rollout", "Sampler", "BaseSampler", "validate_prompts", "check_dtypes_agree"]
+
+log = logging.getLogger(__name__)
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -103,6 +111,71 @@ class Sampler(Protocol):
 
     def close(self) -> None:
         """Frees the engine."""
+
+
+class BaseSampler(abc.ABC):
+    """The lifetime and the weight push of every engine; implements the `Sampler` protocol.
+
+    Subclasses set `compute_dtype` and implement `_push` (load FP32 params in that dtype), `_sample` (sample;
+    the arguments as `generate`'s) and `_release` (free the engine; called once, by the first `close()`).
+
+    Attributes:
+      compute_dtype: the engine's dtype (numpy dtype).
+      last_push_seconds: wall time of the last `push_weights` (None before the first).
+      closed: whether `close()` ran; a closed sampler refuses `push_weights` and `generate` (RuntimeError).
+    """
+
+    compute_dtype: np.dtype
+    last_push_seconds: float | None = None
+    _closed: bool = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def push_weights(self, params: Any) -> None:
+        """Loads the trainer's FP32 params, cast to the compute dtype; timed in `last_push_seconds`."""
+        self._check_open()
+        start = time.perf_counter()
+        self._push(params)
+        self.last_push_seconds = time.perf_counter() - start
+        log.debug("pushed weights to %s (%s) in %.3f s", type(self).__name__, self.compute_dtype.name,
+                  self.last_push_seconds)
+
+    def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Rollout:
+        """Samples `settings.samples_per_prompt` responses per prompt (see the module docstring for the layout).
+
+        Prompt i's samples are rows [i*K, (i+1)*K). A response keeps its EOS / stop token (response_mask 1,
+        finish reason 'stop'); one that hit max_new_tokens has finish reason 'length'.
+        """
+        self._check_open()
+        return self._sample(prompts, settings)
+
+    def close(self) -> None:
+        """Frees the engine; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"this {type(self).__name__} is closed")
+
+    @abc.abstractmethod
+    def _push(self, params: Any) -> None: ...
+
+    @abc.abstractmethod
+    def _sample(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Rollout: ...
+
+    @abc.abstractmethod
+    def _release(self) -> None: ...
 
 
 def check_dtypes_agree(sampler_dtype: Any, trainer_dtype: Any, allow_mismatch: bool = False) -> None:

@@ -20,7 +20,7 @@ from jaxrl_fp16.models.config import ModelConfig, Numerics
 from jaxrl_fp16.models.decoder import CausalLM
 from jaxrl_fp16.models.inference import decode_step, left_pad, prefill
 from jaxrl_fp16.precision import as_dtype
-from jaxrl_fp16.sampling.base import (FINISH_LENGTH, FINISH_STOP, Rollout, SamplingSettings,
+from jaxrl_fp16.sampling.base import (FINISH_LENGTH, FINISH_STOP, BaseSampler, Rollout, SamplingSettings,
                                       validate_prompts)
 
 __all__ = ["JaxSampler", "sample_tokens", "processed_logits"]
@@ -105,8 +105,8 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-class JaxSampler:
-    """Samples with the built-in JAX engine in one compute dtype; implements the `Sampler` protocol.
+class JaxSampler(BaseSampler):
+    """Samples with the built-in JAX engine in one compute dtype (a `BaseSampler`).
 
     Args:
       cfg: the model architecture.
@@ -130,11 +130,11 @@ class JaxSampler:
             self.push_weights(params)
         log.info("JAX sampler: compute dtype %s", self.compute_dtype)
 
-    def push_weights(self, params: Any) -> None:
+    def _push(self, params: Any) -> None:
         """Takes the trainer's params, cast once to the compute dtype (FP32 params stay FP32 in `fp32`)."""
         self._params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, self.compute_dtype), params)
 
-    def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Rollout:
+    def _sample(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Rollout:
         if self._params is None:
             raise RuntimeError("no weights: call push_weights(params) first")
         prompts = validate_prompts(prompts, self.cfg.vocab_size, self.cfg.max_position_embeddings,
@@ -180,5 +180,5 @@ class JaxSampler:
             finish_reasons=[FINISH_STOP if s else FINISH_LENGTH for s in stopped],
         )
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self._params = None

@@ -23,17 +23,16 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import time
 from typing import Any, Sequence
 
 import numpy as np
 
 from jaxrl_fp16 import torch_bridge
 from jaxrl_fp16.models.config import ModelConfig
-from jaxrl_fp16.models.hf import CheckpointError, hf_state_dict
+from jaxrl_fp16.models.hf_table import CheckpointError, hf_state_dict
 from jaxrl_fp16.models.inference import left_pad
 from jaxrl_fp16.precision import as_dtype
-from jaxrl_fp16.sampling.base import (FINISH_LENGTH, FINISH_STOP, Rollout, SamplingSettings, check_dtypes_agree,
+from jaxrl_fp16.sampling.base import (FINISH_LENGTH, FINISH_STOP, BaseSampler, Rollout, SamplingSettings,
                                       validate_prompts)
 
 __all__ = ["TransformersSampler", "batch_seed"]
@@ -53,7 +52,7 @@ def response_lengths(tokens_BxN: np.ndarray, stop_ids: Sequence[int]) -> tuple[n
     return np.where(stopped, is_stop.argmax(axis=1) + 1, tokens_BxN.shape[1]), stopped
 
 
-class TransformersSampler:
+class TransformersSampler(BaseSampler):
     """A transformers causal LM as a `Sampler`: one compute dtype, weights pushed in place, token-id prompts.
 
     Attributes:
@@ -67,25 +66,19 @@ class TransformersSampler:
       last_push_seconds: wall time of the last `push_weights` (None before the first).
     """
 
-    def __init__(self, model_dir: str | os.PathLike, *, dtype: Any, trainer_dtype: Any = None,
-                 allow_dtype_mismatch: bool = False, max_batch_size: int = 256, device: str | None = None,
-                 attn_implementation: str | None = None):
-        """Loads the model.
+    def __init__(self, model_dir: str | os.PathLike, *, dtype: Any, max_batch_size: int = 256,
+                 device: str | None = None, attn_implementation: str | None = None):
+        """Loads the model (`create_sampler` checks `dtype` against the trainer's first).
 
         Args:
           model_dir: a Hugging Face checkpoint folder (config.json and weights); a tokenizer is not needed.
           dtype: the model's dtype: "float32" | "float16" | "bfloat16" (or "f16", a numpy/jax dtype, ...).
-          trainer_dtype: the trainer's compute dtype; when given and different from `dtype`, a ValueError is
-            raised before the model is loaded, unless `allow_dtype_mismatch`.
-          allow_dtype_mismatch: run the model in another dtype than the trainer's (a deliberate mismatch).
           max_batch_size: rows per `generate` call.
           device: "cpu", "cuda", "cuda:1", ...; default CUDA when available, else the CPU.
           attn_implementation: transformers' attention kernel ("sdpa", "eager", ...); default transformers'.
         """
         self._model = None
         self.compute_dtype = as_dtype(dtype)
-        if trainer_dtype is not None:
-            check_dtypes_agree(self.compute_dtype, trainer_dtype, allow_dtype_mismatch)
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model_dir = os.fspath(model_dir)
@@ -94,42 +87,31 @@ class TransformersSampler:
         self.eos_token_ids = self.cfg.eos_token_ids
         self.pad_token_id = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
         self.max_batch_size = int(max_batch_size)
-        self.last_push_seconds: float | None = None
         self._model = torch_bridge.load_causal_lm(self.model_dir, self.compute_dtype.name, device=device,
                                                   attn_implementation=attn_implementation)
         self.device = str(self._model.device)
-        log.info("transformers sampler: dtype %s, trainer dtype %s; model %s on %s", self.compute_dtype.name,
-                 "unknown" if trainer_dtype is None else as_dtype(trainer_dtype).name, self.model_dir, self.device)
+        log.info("transformers sampler: dtype %s; model %s on %s", self.compute_dtype.name, self.model_dir,
+                 self.device)
 
     # ----- weights -----
 
-    def push_weights(self, params: Any) -> None:
+    def _push(self, params: Any) -> None:
         """Loads the trainer's FP32 params, cast to the model's dtype; every tensor of the model must be given.
 
         The tree is checked against the config (`hf_state_dict`) and the names and shapes against the torch
         model before anything is copied: a refused push (CheckpointError naming the key) leaves the model as
         it was.
         """
-        model = self._engine()
-        start = time.perf_counter()
         try:
-            torch_bridge.copy_numpy_weights(model, hf_state_dict(params, self.cfg, self.compute_dtype))
+            torch_bridge.copy_numpy_weights(self._model, hf_state_dict(params, self.cfg, self.compute_dtype))
         except CheckpointError:
             raise
         except ValueError as err:  # the torch side: a key or shape the config's table and the model disagree on
             raise CheckpointError(str(err)) from err
-        self.last_push_seconds = time.perf_counter() - start
-        log.debug("pushed weights to transformers (%s) in %.3f s", self.compute_dtype.name, self.last_push_seconds)
 
     # ----- sampling -----
 
-    def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Rollout:
-        """Samples `settings.samples_per_prompt` responses per prompt (see `jaxrl_fp16.sampling.base`).
-
-        Prompt i's samples are rows [i*K, (i+1)*K). A response keeps its EOS / stop token (response_mask 1,
-        finish reason 'stop'); one that hit max_new_tokens has finish reason 'length'.
-        """
-        model = self._engine()
+    def _sample(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Rollout:
         prompts = validate_prompts(prompts, self.cfg.vocab_size, self.max_model_len, settings.max_new_tokens)
         k, new = settings.samples_per_prompt, settings.max_new_tokens
         rows = [p for p in prompts for _ in range(k)]
@@ -144,7 +126,7 @@ class TransformersSampler:
             chunk = rows[start:start + self.max_batch_size]
             tok_BxP, mask_BxP = left_pad(chunk, self.pad_token_id, width)
             tokens, logprobs = torch_bridge.generate_with_logprobs(
-                model, tok_BxP, mask_BxP, max_new_tokens=new, temperature=settings.temperature,
+                self._model, tok_BxP, mask_BxP, max_new_tokens=new, temperature=settings.temperature,
                 top_k=settings.top_k, top_p=settings.top_p, stop_token_ids=stop, pad_token_id=self.pad_token_id,
                 seed=batch_seed(settings.seed, b))
             if tokens.shape != logprobs.shape or not 1 <= tokens.shape[1] <= new:
@@ -173,25 +155,7 @@ class TransformersSampler:
 
     # ----- lifetime -----
 
-    def _engine(self):
-        if self._model is None:
-            raise RuntimeError("this TransformersSampler is closed")
-        return self._model
-
-    @property
-    def closed(self) -> bool:
-        return self._model is None
-
-    def close(self) -> None:
-        """Frees the model; safe to call twice."""
-        if self._model is None:
-            return
+    def _release(self) -> None:
         self._model = None
         gc.collect()
         torch_bridge.empty_cuda_cache()
-
-    def __enter__(self) -> "TransformersSampler":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -34,7 +34,6 @@ import logging
 import os
 import tempfile
 import threading
-import time
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any, Sequence
@@ -45,9 +44,10 @@ import numpy as np
 
 from jaxrl_fp16 import torch_bridge
 from jaxrl_fp16.models.config import ModelConfig
-from jaxrl_fp16.models.hf import HF_TABLE, expected_params_shapes, save_hf_params
+from jaxrl_fp16.models.hf import save_hf_params
+from jaxrl_fp16.models.hf_table import hf_dtype, iter_hf_tensors
 from jaxrl_fp16.precision import as_dtype, dtype_name
-from jaxrl_fp16.sampling.base import (FINISH_LENGTH, FINISH_STOP, Rollout, SamplingSettings, check_dtypes_agree,
+from jaxrl_fp16.sampling.base import (FINISH_LENGTH, FINISH_STOP, BaseSampler, Rollout, SamplingSettings,
                                       validate_prompts)
 from jaxrl_fp16.sharding import host_streamed, stream_hf_weights
 
@@ -71,41 +71,10 @@ def row_seed(seed: int, row: int) -> int:
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(row)]).generate_state(1, np.uint32)[0])
 
 
-def _get_leaf(params: Mapping, path: tuple[str, ...]) -> Any:
-    for key in path:
-        params = params[key]
-    return params
-
-
-def _dlpack_weights(params: Mapping, cfg: ModelConfig, dtype: np.dtype) -> Iterator[tuple[str, Any]]:
-    """(HF name, torch tensor) with the cast and the transpose done in JAX, handed over by DLPack (no host copy
-    when the arrays live on an accelerator). One layer's slice at a time, so at most one extra tensor is alive."""
-    shapes = expected_params_shapes(cfg)  # the rows this config enables
-    rows = [row for row in HF_TABLE if _has_path(shapes, row.path)]
-
-    def one(row, leaf):
-        x = jnp.asarray(leaf).astype(dtype)
-        return torch_bridge.jax_to_torch(x.T if row.transpose else x)
-
-    # Checkpoint order, as `hf_state_dict`: embeddings, then layer by layer, then the rest.
-    first = [row for row in rows if not row.per_layer and row.path[0] == "embed"]
-    last = [row for row in rows if not row.per_layer and row.path[0] != "embed"]
-    for row in first:
-        yield row.hf, one(row, _get_leaf(params, row.path))
-    for i in range(cfg.num_layers):
-        for row in rows:
-            if row.per_layer:
-                yield row.hf.format(i=i), one(row, _get_leaf(params, row.path)[i])
-    for row in last:
-        yield row.hf, one(row, _get_leaf(params, row.path))
-
-
-def _has_path(tree: Mapping, path: tuple[str, ...]) -> bool:
-    for key in path:
-        if not isinstance(tree, Mapping) or key not in tree:
-            return False
-        tree = tree[key]
-    return True
+def _dlpack_tensor(dtype: np.dtype):
+    """A per-tensor converter for `iter_hf_tensors`: cast (and transpose) in JAX, hand over by DLPack (no host copy
+    when the arrays live on an accelerator)."""
+    return lambda x: torch_bridge.jax_to_torch(jnp.asarray(x).astype(dtype))
 
 
 def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: bool = False
@@ -117,20 +86,19 @@ def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: 
       cfg: its model config.
       dtype: the engine dtype (casts round to nearest even).
       via_dlpack: cast and transpose in JAX and hand the result to torch with DLPack (the tensors stay on the
-        arrays' device); otherwise go through numpy on the host (`sharding.stream_hf_weights`: one tensor, one
-        layer's slice of the stacked arrays, gathered from the devices' shards at a time, so params sharded
-        over many devices are never unsharded on any device).
+        arrays' device; one layer's slice at a time, so at most one extra tensor is alive); otherwise go through
+        numpy on the host (`sharding.stream_hf_weights`: one tensor, one layer's slice of the stacked arrays,
+        gathered from the devices' shards at a time, so params sharded over many devices are never unsharded on
+        any device).
 
     Returns:
-      An iterator in checkpoint order. The tree and its shapes are checked here, before it is returned: an
-      error in the middle of a weight push would leave the engine half loaded.
+      An iterator in checkpoint order (`iter_hf_tensors`). The tree and its shapes are checked here, before it is
+      returned: an error in the middle of a weight push would leave the engine half loaded.
     """
-    dt = as_dtype(dtype)
-    arrays = stream_hf_weights(params, cfg, dt)  # checks now, gathers and converts lazily
+    dt = hf_dtype(as_dtype(dtype))
     if via_dlpack:
-        arrays.close()
-        return _dlpack_weights(params, cfg, dt)
-    return ((name, torch_bridge.numpy_to_torch(array)) for name, array in arrays)
+        return iter_hf_tensors(params, cfg, _dlpack_tensor(dt))
+    return ((name, torch_bridge.numpy_to_torch(array)) for name, array in stream_hf_weights(params, cfg, dt))
 
 
 def _params_on_accelerator(params: Mapping) -> bool:
@@ -177,7 +145,7 @@ class _DropChatWarmupFailure(logging.Filter):
         return not record.getMessage().startswith("Chat template warmup failed")
 
 
-class VLLMSampler:
+class VLLMSampler(BaseSampler):
     """A vLLM engine as a `Sampler`: the trainer's compute dtype, weights pushed in place, token-id prompts.
 
     Attributes:
@@ -190,18 +158,14 @@ class VLLMSampler:
       last_push_seconds: wall time of the last `push_weights` (None before the first).
     """
 
-    def __init__(self, model_dir: str | os.PathLike, *, dtype: Any, trainer_dtype: Any = None,
-                 allow_dtype_mismatch: bool = False, max_model_len: int | None = None, seed: int = 0,
+    def __init__(self, model_dir: str | os.PathLike, *, dtype: Any, max_model_len: int | None = None, seed: int = 0,
                  gpu_memory_utilization: float = 0.4, tensor_parallel_size: int = 1, enforce_eager: bool = True,
                  **engine_kwargs: Any):
-        """Builds the engine.
+        """Builds the engine (`create_sampler` checks `dtype` against the trainer's first).
 
         Args:
           model_dir: a Hugging Face checkpoint folder (config.json and weights); a tokenizer is not needed.
           dtype: the engine's dtype: "float32" | "float16" | "bfloat16" (or "f16", a numpy/jax dtype, ...).
-          trainer_dtype: the trainer's compute dtype; when given and different from `dtype`, a ValueError is
-            raised before the engine starts, unless `allow_dtype_mismatch`.
-          allow_dtype_mismatch: run the engine in another dtype than the trainer's (a deliberate mismatch).
           max_model_len: the context length; defaults to the config's max_position_embeddings.
           seed: the engine's global seed (each request also gets its own seed, see `generate`).
           gpu_memory_utilization: the fraction of GPU memory vLLM may take (weights, activations, KV cache); the
@@ -216,9 +180,6 @@ class VLLMSampler:
         """
         self._llm = None
         self.compute_dtype = as_dtype(dtype)
-        trainer = None if trainer_dtype is None else as_dtype(trainer_dtype)
-        if trainer is not None:
-            check_dtypes_agree(self.compute_dtype, trainer, allow_dtype_mismatch)
         mode = engine_kwargs.pop("logprobs_mode", _LOGPROBS_MODE)
         if mode != _LOGPROBS_MODE:
             raise ValueError(f"logprobs_mode={mode!r}: the sampler reports the log-probs of the distribution it "
@@ -230,7 +191,6 @@ class VLLMSampler:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         self.eos_token_ids = self.cfg.eos_token_ids  # config.json and generation_config.json
         self.pad_token_id = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
-        self.last_push_seconds: float | None = None
 
         os.environ.setdefault(_ENV_MULTIPROC, "0")
         self._in_process = (os.environ[_ENV_MULTIPROC] == "0" and tensor_parallel_size == 1
@@ -263,22 +223,19 @@ class VLLMSampler:
                 renderer_log.removeFilter(quiet)
             if self._in_process:
                 _open_in_process.add(self)
-        logger.info("vLLM sampler: engine dtype %s, trainer dtype %s%s; model %s; %s engine on %s",
-                    self.compute_dtype.name, "unknown" if trainer is None else trainer.name,
-                    " (mismatch allowed)" if trainer is not None and trainer != self.compute_dtype else "",
+        logger.info("vLLM sampler: engine dtype %s; model %s; %s engine on %s", self.compute_dtype.name,
                     self.model_dir, "in-process" if self._in_process else "multi-process", self._device_type)
 
     # ----- weights -----
 
-    def push_weights(self, params: Any) -> None:
+    def _push(self, params: Any) -> None:
         """Loads the trainer's FP32 params into the engine, cast to the engine dtype, then drops cached KV."""
-        llm = self._engine()
+        llm = self._llm
         repack_head = self._device_type == "cpu" and self.cfg.tie_word_embeddings
         if repack_head and not self._in_process and os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") != "1":
             raise RuntimeError("a weight push into a multi-process CPU engine of a tied-embedding model must "
                                "also repack the LM head in the workers, which needs "
                                "VLLM_ALLOW_INSECURE_SERIALIZATION=1 (or use the in-process engine)")
-        start = time.perf_counter()
         if self._in_process:
             via_dlpack = self._device_type == "cuda" and _params_on_accelerator(params)
             weights = torch_weights(params, self.cfg, self.compute_dtype, via_dlpack=via_dlpack)
@@ -292,20 +249,12 @@ class VLLMSampler:
             llm.apply_model(_repack_tied_lm_head)
         if llm.reset_prefix_cache() is False:  # KV blocks of the old weights would be reused
             raise RuntimeError("vLLM could not reset its prefix cache after the weight push")
-        self.last_push_seconds = time.perf_counter() - start
-        logger.debug("pushed weights to vLLM (%s) in %.3f s", self.compute_dtype.name, self.last_push_seconds)
 
     # ----- sampling -----
 
-    def generate(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Rollout:
-        """Samples `settings.samples_per_prompt` responses per prompt (see `jaxrl_fp16.sampling.base`).
-
-        One vLLM request per row, seeded with `row_seed(settings.seed, row)`, so a seed gives the same rollout.
-        Prompt i's samples are rows [i*K, (i+1)*K). A response keeps its EOS / stop token (response_mask 1,
-        finish reason 'stop'); one that hit max_new_tokens has finish reason 'length'.
-        """
+    def _sample(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Rollout:
+        """One vLLM request per row, seeded with `row_seed(settings.seed, row)`, so a seed gives the same rollout."""
         prompts = validate_prompts(prompts, self.cfg.vocab_size, self.max_model_len, settings.max_new_tokens)
-        llm = self._engine()
         from vllm import SamplingParams
 
         k = settings.samples_per_prompt
@@ -319,7 +268,7 @@ class VLLMSampler:
                                  ignore_eos=settings.ignore_eos, logprobs=0, seed=row_seed(settings.seed, r),
                                  detokenize=False)
                   for r in range(len(rows))]
-        outputs = llm.generate([{"prompt_token_ids": p} for _, p in rows], params, use_tqdm=False)
+        outputs = self._llm.generate([{"prompt_token_ids": p} for _, p in rows], params, use_tqdm=False)
         return self._rollout(rows, outputs, settings.max_new_tokens)
 
     def _rollout(self, rows: list[tuple[int, list[int]]], outputs: list, max_new_tokens: int) -> Rollout:
@@ -351,17 +300,8 @@ class VLLMSampler:
 
     # ----- lifetime -----
 
-    def _engine(self):
-        if self._llm is None:
-            raise RuntimeError("this VLLMSampler is closed")
-        return self._llm
-
-    @property
-    def closed(self) -> bool:
-        return self._llm is None
-
-    def close(self) -> None:
-        """Shuts the engine down and frees it (weights, KV cache, parallel state); safe to call twice."""
+    def _release(self) -> None:
+        """Shuts the engine down and frees it (weights, KV cache, parallel state)."""
         llm, self._llm = self._llm, None
         if llm is None:
             return
@@ -373,9 +313,3 @@ class VLLMSampler:
                 _open_in_process.discard(self)
             gc.collect()
             torch_bridge.empty_cuda_cache()
-
-    def __enter__(self) -> "VLLMSampler":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
