@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxrl_fp16.emulation import FloatFormat
+
 __all__ = ["ModelConfig", "RopeScaling", "Numerics", "UnsupportedConfigError", "SUPPORTED_ARCHS"]
 
 SUPPORTED_ARCHS = ("qwen2", "qwen3", "llama", "mistral")
@@ -53,6 +55,12 @@ class Numerics:
     The defaults follow what transformers does in a half-precision dtype: RMSNorm statistics, the attention
     softmax and the final log-softmax in FP32; attention scores, the LM head and RoPE application in the
     compute dtype. Flipping a flag is how a precision study attributes mismatch to an op class.
+
+    `emulate` runs the model in an emulated float format instead of a real low-precision dtype: the compute
+    dtype must be float32, and every weight and every op's output that the real dtype would round is rounded
+    with `jaxrl_fp16.emulation.round_to_format` to that format (e.g. "e5m10" = float16, "e8m7" = bfloat16,
+    "e4m3fn" = OCP FP8, "e8m3"); ops the flags above force to FP32 are not rounded. Normalised to the
+    format's canonical name ("float16" -> "e5m10"). None (the default) leaves the compiled code untouched.
     """
 
     norm_f32: bool = True  # RMSNorm mean-square and normalisation (then cast back, then * weight)
@@ -61,6 +69,25 @@ class Numerics:
     lm_head_f32: bool = False  # final projection to the vocabulary in FP32
     rope_f32: bool = False  # apply the rotary embedding in FP32 (cos/sin are always computed in FP32)
     residual_f32: bool = False  # keep the residual stream in FP32
+    emulate: str | None = None  # emulated float format ("e5m10", "e4m3fn", ...); needs compute dtype float32
+
+    def __post_init__(self):
+        if self.emulate is not None:
+            try:
+                name = FloatFormat.parse(self.emulate).name
+            except ValueError as e:
+                raise ValueError(f"Numerics.emulate={self.emulate!r}: {e}") from None
+            object.__setattr__(self, "emulate", name)
+
+    @property
+    def float_format(self) -> FloatFormat | None:
+        """The emulated format, or None when the model computes in its real compute dtype."""
+        return None if self.emulate is None else FloatFormat.parse(self.emulate)
+
+    @classmethod
+    def op_classes(cls) -> tuple[str, ...]:
+        """The op classes a flag can force to FP32 ("norm", "softmax", ...)."""
+        return tuple(f.name.removesuffix("_f32") for f in dataclasses.fields(cls) if f.name.endswith("_f32"))
 
     @classmethod
     def all_f32(cls) -> "Numerics":
@@ -68,18 +95,18 @@ class Numerics:
                    residual_f32=True)
 
     @classmethod
-    def from_overrides(cls, names: str | list[str] | tuple[str, ...]) -> "Numerics":
-        """Defaults plus the op classes named (e.g. "lm_head,attn_scores") forced to FP32."""
+    def from_overrides(cls, names: str | list[str] | tuple[str, ...], *, emulate: str | None = None) -> "Numerics":
+        """Defaults plus the op classes named (e.g. "lm_head,attn_scores") forced to FP32, in `emulate`."""
         if isinstance(names, str):
             names = [n for n in names.split(",") if n.strip()]
-        valid = {f.name.removesuffix("_f32") for f in dataclasses.fields(cls)}
+        valid = set(cls.op_classes())
         kw = {}
         for name in names:
             key = name.strip().removesuffix("_f32")
             if key not in valid:
                 raise ValueError(f"unknown op class {name!r}; valid: {', '.join(sorted(valid))}")
             kw[f"{key}_f32"] = True
-        return cls(**kw)
+        return cls(**kw, emulate=emulate)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -10,11 +10,19 @@ with `Policy.cast_to_compute` and get identical results. Which sensitive steps r
 
 Attention is written out (no fused kernel) so that its precision is explicit: scores = q.k^T * scale
 (in `dtype`, or FP32), masked where a key is padding or in the future, softmax (FP32 by default), probs.v.
+
+Emulated formats (`Numerics.emulate`, compute dtype float32): each op computes in FP32 and its output, like each
+weight, is rounded with `round_to_format` where the real dtype would round it (an `Arith` says how an op class
+computes); matmuls run at full FP32 precision (`Precision.HIGHEST`: no TF32 on GPUs). The ops are those XLA runs
+in a real dtype (sigmoid as 1 / (1 + exp(-x))), and each use's cotangent is rounded and the uses summed in JAX's
+order, so on XLA:CPU e5m10/e8m7 give the real FP16/BF16 forward and weight gradients bit for bit. Without
+emulation an `Arith` only casts: the compiled code is what it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_fp16.emulation import FloatFormat, round_to_format
 from jaxrl_fp16.models.config import ModelConfig, Numerics
 
 __all__ = ["CausalLM", "KVCache", "init_cache"]
@@ -57,6 +66,55 @@ def _kernel_init():
     return nn.initializers.normal(stddev=0.02)
 
 
+@dataclasses.dataclass(frozen=True)
+class Arith:
+    """How an op class computes: in `dtype`, with every result rounded to `fmt` when emulating a format.
+
+    `cast` replaces `x.astype(dtype)` (an operand or weight entering the op), `out` marks an op's result and
+    `use` an operand already in `fmt` that is used more than once or upcast to FP32. With `fmt` None they are
+    that cast and the identity, so the real-dtype code is unchanged. Rounding is idempotent, so `use` changes
+    no value; it rounds the cotangent of that one use, as a real low-precision backward rounds each op's
+    gradient output before the contributions of several uses are summed.
+    """
+
+    dtype: Any
+    fmt: FloatFormat | None = None
+    precision: Any = None  # matmul precision (HIGHEST when emulating)
+
+    def cast(self, x: Array) -> Array:
+        x = x.astype(self.dtype)
+        return x if self.fmt is None else round_to_format(x, self.fmt)
+
+    def out(self, y: Array) -> Array:
+        return y if self.fmt is None else round_to_format(y, self.fmt)
+
+    use = out
+
+    def const(self, value: float) -> Array:
+        c = jnp.asarray(value, self.dtype)
+        return c if self.fmt is None else round_to_format(c, self.fmt)
+
+    @property
+    def lowest(self) -> float:
+        """The most negative finite value (the masked attention score)."""
+        return jnp.finfo(self.dtype).min if self.fmt is None else -self.fmt.max
+
+
+def arith(dtype: Any, fmt: FloatFormat | None, f32: bool = False) -> Arith:
+    """The compute dtype (rounded to `fmt` when emulating), or FP32 unrounded when the op is forced to FP32."""
+    precision = None if fmt is None else jax.lax.Precision.HIGHEST
+    return Arith(jnp.float32 if f32 else dtype, None if f32 else fmt, precision)
+
+
+def emulated_format(dtype: Any, numerics: Numerics) -> FloatFormat | None:
+    """`numerics.float_format`, checking that the compute dtype is float32 when a format is emulated."""
+    fmt = numerics.float_format
+    if fmt is not None and jnp.dtype(dtype) != jnp.float32:
+        raise ValueError(f"Numerics.emulate={numerics.emulate!r} needs the compute dtype float32 "
+                         f"(the emulated format is carried in FP32), got {jnp.dtype(dtype).name}")
+    return fmt
+
+
 class Dense(nn.Module):
     """x @ kernel (+ bias) in `dtype`; kernel stored (in, out) in FP32."""
 
@@ -64,14 +122,16 @@ class Dense(nn.Module):
     use_bias: bool
     dtype: Any
     compute_f32: bool = False
+    fmt: FloatFormat | None = None  # emulated format
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = self.param("kernel", _kernel_init(), (x.shape[-1], self.features), jnp.float32)
-        dtype = jnp.float32 if self.compute_f32 else self.dtype
-        y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+        ar = arith(self.dtype, self.fmt, self.compute_f32)
+        x = arith(self.dtype, self.fmt).use(x)  # the input is in the compute dtype (format)
+        y = ar.out(jnp.dot(ar.cast(x), ar.cast(kernel), precision=ar.precision))
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(dtype)
+            y = ar.out(y + ar.cast(self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)))
         return y
 
 
@@ -81,16 +141,20 @@ class RMSNorm(nn.Module):
     eps: float
     dtype: Any
     f32: bool = True
+    fmt: FloatFormat | None = None  # emulated format
+    input_f32: bool = False  # emulation only: the input is an FP32 value (the residual stream in FP32)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        in_dtype = x.dtype
-        stat_dtype = jnp.float32 if self.f32 else in_dtype
-        xs = x.astype(stat_dtype)
-        var = jnp.mean(jnp.square(xs), axis=-1, keepdims=True)
-        y = (xs * jax.lax.rsqrt(var + jnp.asarray(self.eps, stat_dtype))).astype(in_dtype)
-        return scale.astype(self.dtype) * y.astype(self.dtype)
+        # The input's own arithmetic (its dtype, or with emulation its format).
+        inp = Arith(x.dtype) if self.fmt is None else arith(self.dtype, self.fmt, self.input_f32)
+        stat = arith(inp.dtype, inp.fmt, self.f32)
+        xs = stat.cast(inp.use(x))
+        var = stat.out(jnp.mean(stat.out(jnp.square(stat.use(xs))), axis=-1, keepdims=True))
+        y = inp.cast(stat.out(stat.use(xs) * stat.out(jax.lax.rsqrt(stat.out(var + stat.const(self.eps))))))
+        ar = arith(self.dtype, self.fmt)
+        return ar.out(ar.cast(scale) * ar.cast(y))
 
 
 def _rotate_half(x: Array) -> Array:
@@ -106,11 +170,62 @@ def rope_cos_sin(cfg: ModelConfig, positions_BxT: Array) -> tuple[Array, Array]:
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rope(x_BxTxNxD: Array, cos_BxTxD: Array, sin_BxTxD: Array, f32: bool) -> Array:
-    dtype = jnp.float32 if f32 else x_BxTxNxD.dtype
-    x = x_BxTxNxD.astype(dtype)
-    cos, sin = cos_BxTxD[:, :, None, :].astype(dtype), sin_BxTxD[:, :, None, :].astype(dtype)
-    return (x * cos + _rotate_half(x) * sin).astype(x_BxTxNxD.dtype)
+def apply_rope(x_BxTxNxD: Array, cos_BxTxD: Array, sin_BxTxD: Array, f32: bool,
+               fmt: FloatFormat | None = None) -> Array:
+    """x * cos + rotate_half(x) * sin, in x's dtype (its format `fmt` when emulating) or FP32, cast back."""
+    inp = arith(x_BxTxNxD.dtype, fmt)
+    op = arith(inp.dtype, fmt, f32)
+    x = op.cast(inp.use(x_BxTxNxD))
+    cos, sin = op.cast(cos_BxTxD[:, :, None, :]), op.cast(sin_BxTxD[:, :, None, :])
+    return inp.cast(op.out(op.out(op.use(x) * cos) + op.out(_rotate_half(op.use(x)) * sin)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def emulated_sigmoid(x: Array, fmt: FloatFormat) -> Array:
+    """lax.logistic in `fmt` as XLA computes it in a real dtype: 1 / (1 + exp(-x)), each op rounded."""
+    r = functools.partial(round_to_format, fmt=fmt)
+    return r(1.0 / r(1.0 + r(jnp.exp(-x))))
+
+
+def _sigmoid_fwd(x, fmt):
+    ans = emulated_sigmoid(x, fmt)
+    return ans, ans
+
+
+def _sigmoid_bwd(fmt, ans, ct):  # JAX's logistic derivative, ct * (ans * (1 - ans)), each op rounded
+    r = functools.partial(round_to_format, fmt=fmt)
+    return (r(r(ct) * r(ans * r(1.0 - ans))),)
+
+
+emulated_sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def fan_out(x: Array, n: int, fmt: FloatFormat) -> tuple[Array, ...]:
+    """`n` uses of x whose cotangents are summed as JAX sums them (last use first), each partial sum rounded."""
+    return (x,) * n
+
+
+def _fan_out_fwd(x, n, fmt):
+    return (x,) * n, None
+
+
+def _fan_out_bwd(n, fmt, _, cts):
+    total = cts[-1]
+    for ct in reversed(cts[:-1]):
+        total = round_to_format(total + ct, fmt)
+    return (total,)
+
+
+fan_out.defvjp(_fan_out_fwd, _fan_out_bwd)
+
+
+def softmax(x: Array, ar: Arith) -> Array:
+    """Softmax over the last axis; with emulation written out (as jax.nn.softmax) with each op rounded."""
+    if ar.fmt is None:
+        return jax.nn.softmax(x, axis=-1)
+    unnormalized = ar.out(jnp.exp(ar.out(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))))
+    return ar.out(ar.use(unnormalized) / ar.out(jnp.sum(ar.use(unnormalized), axis=-1, keepdims=True)))
 
 
 class Attention(nn.Module):
@@ -121,17 +236,19 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxH, cos_sin, mask_BxTxS, layer_cache):
         cfg, num = self.cfg, self.numerics
+        fmt = num.float_format
         B, T, _ = x_BxTxH.shape
         D, Nq, Nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        q = Dense(Nq * D, cfg.qkv_bias, self.dtype, name="q_proj")(x_BxTxH).reshape(B, T, Nq, D)
-        k = Dense(Nkv * D, cfg.qkv_bias, self.dtype, name="k_proj")(x_BxTxH).reshape(B, T, Nkv, D)
-        v = Dense(Nkv * D, cfg.qkv_bias, self.dtype, name="v_proj")(x_BxTxH).reshape(B, T, Nkv, D)
+        xq, xk, xv = (x_BxTxH,) * 3 if fmt is None else fan_out(x_BxTxH, 3, fmt)
+        q = Dense(Nq * D, cfg.qkv_bias, self.dtype, fmt=fmt, name="q_proj")(xq).reshape(B, T, Nq, D)
+        k = Dense(Nkv * D, cfg.qkv_bias, self.dtype, fmt=fmt, name="k_proj")(xk).reshape(B, T, Nkv, D)
+        v = Dense(Nkv * D, cfg.qkv_bias, self.dtype, fmt=fmt, name="v_proj")(xv).reshape(B, T, Nkv, D)
         if cfg.qk_norm:
-            q = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, name="q_norm")(q)
-            k = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, name="k_norm")(k)
+            q = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, fmt=fmt, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, fmt=fmt, name="k_norm")(k)
         cos, sin = cos_sin
-        q = apply_rope(q, cos, sin, num.rope_f32)
-        k = apply_rope(k, cos, sin, num.rope_f32)
+        q = apply_rope(q, cos, sin, num.rope_f32, fmt)
+        k = apply_rope(k, cos, sin, num.rope_f32, fmt)
 
         if layer_cache is not None:  # write this call's keys/values into the cache slots, attend over all slots
             cache_k, cache_v, index = layer_cache
@@ -141,32 +258,36 @@ class Attention(nn.Module):
         else:
             k_all, v_all, new_cache = k, v, None
 
-        score_dtype = jnp.float32 if num.attn_scores_f32 else self.dtype
-        S = k_all.shape[1]
-        qg = q.reshape(B, T, Nkv, cfg.num_groups, D).astype(score_dtype)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_all.astype(score_dtype))
-        scores = scores * jnp.asarray(D ** -0.5, score_dtype)
+        ar, sc = arith(self.dtype, fmt), arith(self.dtype, fmt, num.attn_scores_f32)
+        qg = sc.cast(ar.use(q.reshape(B, T, Nkv, cfg.num_groups, D)))
+        scores = sc.out(jnp.einsum("btkgd,bskd->bkgts", qg, sc.cast(ar.use(k_all)), precision=sc.precision))
+        scores = sc.out(scores * sc.const(D ** -0.5))
         mask = mask_BxTxS[:, None, None, :, :]
-        soft_dtype = jnp.float32 if num.softmax_f32 else score_dtype
-        scores = jnp.where(mask, scores.astype(soft_dtype), jnp.finfo(soft_dtype).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(score_dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all.astype(score_dtype))
-        out = out.reshape(B, T, Nq * D).astype(self.dtype)
-        del S
-        y = Dense(cfg.hidden_size, cfg.o_bias, self.dtype, name="o_proj")(out)
+        soft = arith(self.dtype, fmt, True) if num.softmax_f32 else sc
+        scores = jnp.where(mask, soft.cast(sc.use(scores)), soft.lowest)
+        probs = sc.cast(softmax(scores, soft))
+        out = sc.out(jnp.einsum("bkgts,bskd->btkgd", probs, sc.cast(ar.use(v_all)), precision=sc.precision))
+        out = ar.cast(out.reshape(B, T, Nq * D))
+        y = Dense(cfg.hidden_size, cfg.o_bias, self.dtype, fmt=fmt, name="o_proj")(out)
         return y, new_cache
 
 
 class MLP(nn.Module):
     cfg: ModelConfig
     dtype: Any
+    fmt: FloatFormat | None = None  # emulated format
 
     @nn.compact
     def __call__(self, x):
-        cfg = self.cfg
-        gate = Dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, name="gate_proj")(x)
-        up = Dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, name="up_proj")(x)
-        return Dense(cfg.hidden_size, cfg.mlp_bias, self.dtype, name="down_proj")(nn.silu(gate) * up)
+        cfg, fmt = self.cfg, self.fmt
+        gate = Dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, fmt=fmt, name="gate_proj")(x)
+        up = Dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, fmt=fmt, name="up_proj")(x)
+        if fmt is None:
+            act = nn.silu(gate) * up
+        else:  # silu = gate * sigmoid(gate), each op rounded
+            ar = arith(self.dtype, fmt)
+            act = ar.out(ar.out(ar.use(gate) * emulated_sigmoid(ar.use(gate), fmt)) * up)
+        return Dense(cfg.hidden_size, cfg.mlp_bias, self.dtype, fmt=fmt, name="down_proj")(act)
 
 
 class DecoderLayer(nn.Module):
@@ -180,13 +301,15 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h, cos_sin, mask_BxTxS, index, layer_kv):
         cfg, num = self.cfg, self.numerics
-        res_dtype = h.dtype
-        x = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, name="input_norm")(h)
+        fmt = num.float_format
+        res = Arith(h.dtype) if fmt is None else arith(self.dtype, fmt, num.residual_f32)  # the residual stream
+        norm = dict(fmt=fmt, input_f32=num.residual_f32)
+        x = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, **norm, name="input_norm")(h)
         layer_cache = None if layer_kv is None else (layer_kv[0], layer_kv[1], index)
         a, new_kv = Attention(cfg, self.dtype, num, name="attn")(x, cos_sin, mask_BxTxS, layer_cache)
-        h = h + a.astype(res_dtype)
-        x = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, name="post_attn_norm")(h)
-        h = h + MLP(cfg, self.dtype, name="mlp")(x).astype(res_dtype)
+        h = res.out(h + res.cast(arith(self.dtype, fmt).use(a)))
+        x = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, **norm, name="post_attn_norm")(h)
+        h = res.out(h + res.cast(arith(self.dtype, fmt).use(MLP(cfg, self.dtype, fmt, name="mlp")(x))))
         return h, (new_kv, h if self.collect_hidden else None)
 
 
@@ -196,7 +319,8 @@ class CausalLM(nn.Module):
     Attributes:
       cfg: the architecture.
       dtype: compute dtype (the precision policy's `compute_dtype`).
-      numerics: which sensitive steps run in FP32.
+      numerics: which sensitive steps run in FP32, and the emulated format if any (`Numerics.emulate`, which
+        needs `dtype` float32).
       unroll: layers per iteration of the layer loop (`nn.scan`'s unroll; True = all). The parameters are the
         same either way; unrolling the decode loop saves the per-layer slicing of the stacked weights and the
         loop's per-iteration overhead, which dominate one-token steps of small models.
@@ -206,6 +330,10 @@ class CausalLM(nn.Module):
     dtype: Any = jnp.float32
     numerics: Numerics = Numerics()
     unroll: int | bool = 1
+
+    def __post_init__(self):
+        emulated_format(self.dtype, self.numerics)  # an emulated format needs dtype float32: fail when built
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, tokens_BxT: Array, positions_BxT: Array, mask_BxTxS: Array,
@@ -218,10 +346,15 @@ class CausalLM(nn.Module):
         `per_layer` is the residual stream after each layer, [L, B, T, H], when `collect_hidden`, else None.
         """
         cfg, num = self.cfg, self.numerics
+        fmt = emulated_format(self.dtype, num)
+        ar = arith(self.dtype, fmt)
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=jnp.float32, dtype=self.dtype,
                          embedding_init=_kernel_init(), name="embed")
         res_dtype = jnp.float32 if num.residual_f32 else self.dtype
-        h = embed(tokens_BxT).astype(res_dtype)
+        h = embed(tokens_BxT)
+        if fmt is not None:  # look up in the rounded table (its cotangent is then rounded too, as a cast's)
+            h = jnp.take(ar.cast(embed.variables["params"]["embedding"]), tokens_BxT, axis=0)
+        h = h.astype(res_dtype)
         cos_sin = rope_cos_sin(cfg, positions_BxT)
         kv = None if cache is None else (cache.k_LxBxSxKxD, cache.v_LxBxSxKxD)
         layers = nn.scan(
@@ -233,15 +366,19 @@ class CausalLM(nn.Module):
             unroll=self.unroll,
         )(cfg, self.dtype, num, collect_hidden, name="layers")
         h, (new_kv, per_layer) = layers(h, cos_sin, mask_BxTxS, jnp.asarray(index, jnp.int32), kv)
-        h = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, name="final_norm")(h.astype(self.dtype))
+        h = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, fmt=fmt, name="final_norm")(ar.cast(h))
         new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], cache.kv_mask_BxS)
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings and fmt is not None:
+            hd = arith(self.dtype, fmt, num.lm_head_f32)
+            table = hd.cast(embed.variables["params"]["embedding"])
+            head = lambda x: hd.out(jnp.dot(hd.cast(x), table.T, precision=hd.precision))  # noqa: E731
+        elif cfg.tie_word_embeddings:
             head = lambda x: embed.attend(x)  # noqa: E731  (x @ embedding.T)
             if num.lm_head_f32:
                 table = embed.variables["params"]["embedding"].astype(jnp.float32)
                 head = lambda x: jnp.dot(x.astype(jnp.float32), table.T)  # noqa: E731
         else:
-            head = Dense(cfg.vocab_size, False, self.dtype, num.lm_head_f32, name="lm_head")
+            head = Dense(cfg.vocab_size, False, self.dtype, num.lm_head_f32, fmt, name="lm_head")
         if not return_logits:
             if self.is_initializing():
                 head(h)  # create the head's parameters
@@ -266,12 +403,12 @@ def param_count(params: Any) -> int:
 
 def lm_head_logits(params: Any, cfg: ModelConfig, h_BxTxH: Array, dtype: Any, numerics: Numerics) -> Array:
     """FP32 logits from final hidden states, using the head's parameters directly (for chunked evaluation)."""
-    head_dtype = jnp.float32 if numerics.lm_head_f32 else dtype
+    hd = arith(dtype, emulated_format(dtype, numerics), numerics.lm_head_f32)
     if cfg.tie_word_embeddings:
-        kernel_HxV = params["embed"]["embedding"].astype(head_dtype).T
+        kernel_HxV = hd.cast(params["embed"]["embedding"]).T
     else:
-        kernel_HxV = params["lm_head"]["kernel"].astype(head_dtype)
-    return jnp.dot(h_BxTxH.astype(head_dtype), kernel_HxV).astype(jnp.float32)
+        kernel_HxV = hd.cast(params["lm_head"]["kernel"])
+    return hd.out(jnp.dot(hd.cast(h_BxTxH), kernel_HxV, precision=hd.precision)).astype(jnp.float32)
 
 
 def token_logprobs(model: CausalLM, params: Any, tokens_BxT: Array, attention_mask_BxT: Array | None = None,

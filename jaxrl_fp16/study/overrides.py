@@ -28,7 +28,7 @@ from jaxrl_fp16.study import paths
 
 __all__ = ["OP_CLASSES", "override_variants", "override_table", "best_override", "fp32_ops"]
 
-OP_CLASSES: tuple[str, ...] = tuple(f.name.removesuffix("_f32") for f in dataclasses.fields(Numerics))
+OP_CLASSES: tuple[str, ...] = Numerics.op_classes()
 GAP_METRICS = ("kl_k3", "prob_abs_diff_mean")
 _REPORTED = ("kl_k3", "prob_abs_diff_mean", "prob_abs_diff_max", "seq_log_ratio_abs_mean")
 
@@ -46,9 +46,9 @@ def override_variants(base: Numerics = Numerics(),
     unknown = [c for c in classes if c not in OP_CLASSES]
     if unknown:
         raise ValueError(f"unknown op class(es) {unknown}; valid: {', '.join(OP_CLASSES)}")
-    variants = {"baseline": base, "none": Numerics(**{f"{c}_f32": False for c in OP_CLASSES})}
+    variants = {"baseline": base, "none": Numerics(**{f"{c}_f32": False for c in OP_CLASSES}, emulate=base.emulate)}
     variants.update({c: dataclasses.replace(base, **{f"{c}_f32": True}) for c in classes})
-    variants["all"] = Numerics.all_f32()
+    variants["all"] = dataclasses.replace(Numerics.all_f32(), emulate=base.emulate)
     return variants
 
 
