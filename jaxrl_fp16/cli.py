@@ -157,6 +157,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides.append(f"train.iterations={args.steps}")
     run = load_config(args.config, overrides)
+    from jaxrl_fp16.doctor import prepare_gpus
+
+    prepare_gpus(run)  # JAX's and the vLLM engine's shares of the GPUs: before JAX starts its backends
     if run.distributed.enabled:  # several processes: before any JAX computation
         from jaxrl_fp16.sharding import initialize_distributed
 
@@ -183,6 +186,15 @@ def _train(args: argparse.Namespace) -> int:
               f"mismatch kl_k3 {last['mismatch/kl_k3']:.2e}, skipped steps {last['skipped_steps']}; "
               f"run directory {run_dir}")
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from jaxrl_fp16 import doctor
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not os.path.exists(config):  # no config, overrides only
+        config, overrides = None, [config, *overrides]
+    return doctor.main(config, overrides, json_path=args.json)
 
 
 def _dpo(args: argparse.Namespace) -> int:
@@ -370,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="number of optimizer steps (dpo.steps)")
     add_resume_arguments(p)
     p.set_defaults(func=_dpo)
+
+    p = sub.add_parser("doctor", help="this host's backend, devices, memory and versions; with a run config, the "
+                       "GPU memory split between JAX and vLLM and what is missing (exit 1)")
+    p.add_argument("config", nargs="?", default=None, help="YAML run config to check (optional)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sampler.name=vllm")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    p.set_defaults(func=_doctor)
 
     p = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face directory")
     p.add_argument("run_dir", help="a run directory (with config.yaml and checkpoints/)")

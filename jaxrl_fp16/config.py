@@ -251,6 +251,9 @@ class PerfectibleSection:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplerSection:
+    """The sampler; the keys after `tensor_parallel_size` are the vLLM engine's (refused with another sampler):
+    null leaves the choice to `VLLMSampler` (see `VLLMOptions` and README "On a GPU")."""
+
     name: str = "jax"
     temperature: float = 1.0
     top_p: float = 1.0
@@ -260,6 +263,14 @@ class SamplerSection:
     dtype: Optional[str] = None  # only with allow_dtype_mismatch: a sampler dtype other than the trainer's
     max_batch_size: int = 256
     tensor_parallel_size: int = 1  # vllm: GPUs per engine (tensor parallelism inside vLLM)
+    # vLLM's share of each of its GPUs, in (0, 1); null: 0.35 sharing the trainer's GPUs, 0.9 with `devices`.
+    gpu_memory_utilization: Optional[float] = None
+    enforce_eager: Optional[bool] = None  # null: CUDA graphs on a GPU, eager on a CPU
+    max_num_seqs: Optional[int] = None  # null: vLLM's default
+    max_num_batched_tokens: Optional[int] = None  # null: vLLM's default
+    max_model_len: Optional[int] = None  # null: 1024 prompt tokens + max_new_tokens, rounded up to 256
+    enable_prefix_caching: Optional[bool] = None  # null: vLLM's default
+    devices: Optional[list[int]] = None  # the engine's own GPUs (one per tensor_parallel_size); null: shared
 
     def __post_init__(self):
         from jaxrl_fp16.precision import as_dtype
@@ -283,18 +294,50 @@ class SamplerSection:
                 as_dtype(self.dtype)
             except ValueError as e:
                 raise ConfigError(f"sampler.dtype={self.dtype!r}: {e}") from None
+        self._check_engine_keys()
 
-    def settings(self, samples_per_prompt: int, seed: int):
-        """The `SamplingSettings` of this section for one generate call."""
+    def _check_engine_keys(self) -> None:
+        """The vLLM engine's keys: only with sampler.name=vllm, in range, one device per tensor-parallel rank."""
+        engine_keys = ("gpu_memory_utilization", "enforce_eager", "max_num_seqs", "max_num_batched_tokens",
+                       "max_model_len", "enable_prefix_caching", "devices")
+        given = {key: getattr(self, key) for key in engine_keys if getattr(self, key) is not None}
+        if given and self.name != "vllm":
+            key, value = next(iter(given.items()))
+            raise ConfigError(f"sampler.{key}={value} is a vLLM engine key and needs sampler.name=vllm "
+                              f"(got {self.name!r})")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization < 1:
+            raise ConfigError(f"sampler.gpu_memory_utilization must be in (0, 1), got {self.gpu_memory_utilization}")
+        _positive("sampler", **{k: given[k] for k in ("max_num_seqs", "max_num_batched_tokens") if k in given})
+        if self.max_model_len is not None and self.max_model_len <= self.max_new_tokens:
+            raise ConfigError(f"sampler.max_model_len={self.max_model_len} leaves no room for a prompt before "
+                              f"sampler.max_new_tokens={self.max_new_tokens} response tokens")
+        if self.devices is not None:
+            if any(d < 0 for d in self.devices) or len(set(self.devices)) != len(self.devices):
+                raise ConfigError(f"sampler.devices={list(self.devices)} must be distinct GPU ordinals (>= 0)")
+            if len(self.devices) != self.tensor_parallel_size:
+                raise ConfigError(f"sampler.devices={list(self.devices)} lists {len(self.devices)} GPUs but "
+                                  f"sampler.tensor_parallel_size={self.tensor_parallel_size}: give one GPU per "
+                                  f"tensor-parallel rank")
+
+    def settings(self, samples_per_prompt: int, seed: int, *, logprobs: bool = True):
+        """The `SamplingSettings` of this section for one generate call (`logprobs=False`: tokens only)."""
         from jaxrl_fp16.sampling import SamplingSettings
 
         return SamplingSettings(max_new_tokens=self.max_new_tokens, samples_per_prompt=samples_per_prompt,
-                                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=seed)
+                                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=seed,
+                                logprobs=logprobs)
 
     def engine_options(self) -> EngineOptions:
         """The typed options of engine `name` that this section sets (`create_sampler(..., options=...)`)."""
         if self.name == "vllm":
-            return VLLMOptions(tensor_parallel_size=self.tensor_parallel_size)
+            from jaxrl_fp16.sampling.options import default_max_model_len
+
+            return VLLMOptions(tensor_parallel_size=self.tensor_parallel_size,
+                               max_model_len=self.max_model_len or default_max_model_len(self.max_new_tokens),
+                               gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
+                               max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                               enable_prefix_caching=self.enable_prefix_caching,
+                               devices=None if self.devices is None else tuple(self.devices))
         if self.name == "transformers":
             return TransformersOptions(max_batch_size=self.max_batch_size)
         return JaxOptions(max_batch_size=self.max_batch_size)

@@ -156,7 +156,7 @@ def test_engine_options_come_from_the_run_config(tiny):
     assert SamplerSection(name="transformers", max_batch_size=8).engine_options() == TransformersOptions(
         max_batch_size=8)
     assert SamplerSection(name="vllm", tensor_parallel_size=2).engine_options() == VLLMOptions(
-        tensor_parallel_size=2)
+        tensor_parallel_size=2, max_model_len=1280)  # 1024 prompt tokens + max_new_tokens 16, rounded up to 256
     options = SamplerSection(name="jax", max_batch_size=4).engine_options()
     sampler = create_sampler("jax", cfg=cfg, params=params, model_dir=None, dtype="float32",
                              trainer_dtype="float32", options=options)
@@ -191,17 +191,42 @@ def test_a_closed_sampler_refuses_use(tiny):
         sampler.push_weights(params)
 
 
-def test_bf16_mismatch_is_much_larger_than_fp16(tiny):
-    """The paper's effect on the built-in engine: BF16 kl_k3 and mean |pi - mu| >= 5x FP16's; FP32 ~ 0."""
+def test_bf16_rounds_far_more_than_fp16_and_the_mismatch_stays_within_the_roundings(tiny):
+    """The paper's effect on the built-in engine, measured where it cannot vanish: each engine's log-probs
+    against the FP32 model on the same tokens (its rounding error) are >= 5x larger in BF16 than in FP16 (3 fewer
+    mantissa bits: 8x per op), and FP32's are ~0. The mismatch of the two paths in one dtype (decode vs
+    teacher-forced) depends on the CPU's code (the paths can be bit-identical: no lower bound), but is never more
+    than the two paths' roundings together (the triangle inequality through the FP32 model, per token)."""
     _, cfg, params = tiny
     prompts = prompts_for(cfg, n=16, seed=5)
     settings = SamplingSettings(max_new_tokens=48, samples_per_prompt=2, seed=0, ignore_eos=True)
-    stats = {}
+    drift, same = {}, {}
     for dtype in ("float32", "float16", "bfloat16"):
         r = JaxSampler(cfg, params, dtype=dtype).generate(prompts, settings)
         pi = Scorer(cfg, dtype=dtype)(params, r.tokens, r.attention_mask)
-        stats[dtype] = mismatch.summarize(mismatch.mismatch_metrics(r.logprobs, pi, r.response_mask))
+        pi32 = Scorer(cfg, dtype="float32")(params, r.tokens, r.attention_mask)
+        drift[dtype] = mismatch.summarize(mismatch.mismatch_metrics(r.logprobs, pi32, r.response_mask))
+        same[dtype] = mismatch.summarize(mismatch.mismatch_metrics(r.logprobs, pi, r.response_mask))
+        trainer_drift = mismatch.summarize(mismatch.mismatch_metrics(pi, pi32, r.response_mask))
+        key = "mismatch/prob_abs_diff_mean"
+        assert same[dtype][key] <= drift[dtype][key] + trainer_drift[key] + 1e-7, (dtype, same, drift)
+    print({d: (f"{same[d]['mismatch/kl_k3']:.2e}", f"{drift[d]['mismatch/kl_k3']:.2e}") for d in same})
     for key in ("mismatch/kl_k3", "mismatch/prob_abs_diff_mean"):
-        assert stats["bfloat16"][key] >= 5 * stats["float16"][key], (key, stats)
-        assert stats["float32"][key] < stats["float16"][key] / 20, (key, stats)
-    assert stats["float32"]["mismatch/kl_k3"] < 1e-9
+        assert drift["bfloat16"][key] >= 5 * drift["float16"][key] > 0, (key, drift)
+        assert drift["float32"][key] < drift["float16"][key] / 20, (key, drift)
+        assert same["float32"][key] < drift["float16"][key] / 20, (key, same)
+    assert drift["float32"]["mismatch/kl_k3"] < 1e-9 and same["float32"]["mismatch/kl_k3"] < 1e-9
+
+
+def test_tokens_only_gives_the_same_tokens_and_zero_logprobs(tiny):
+    """SamplingSettings.logprobs=False: the same rollout, its log-probs all 0 and flagged (base.BaseSampler)."""
+    _, cfg, params = tiny
+    sampler = JaxSampler(cfg, params, dtype="float16")
+    settings = SamplingSettings(max_new_tokens=12, samples_per_prompt=2, seed=4)
+    full = sampler.generate(prompts_for(cfg), settings)
+    tokens_only = sampler.generate(prompts_for(cfg), SamplingSettings(max_new_tokens=12, samples_per_prompt=2,
+                                                                       seed=4, logprobs=False))
+    np.testing.assert_array_equal(tokens_only.tokens, full.tokens)
+    np.testing.assert_array_equal(tokens_only.response_mask, full.response_mask)
+    assert full.has_logprobs and np.any(full.logprobs != 0)
+    assert not tokens_only.has_logprobs and not np.any(tokens_only.logprobs)

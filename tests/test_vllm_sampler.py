@@ -28,7 +28,8 @@ from jaxrl_fp16.models.hf import CheckpointError, load_hf_params  # noqa: E402
 from jaxrl_fp16.models.tiny import make_tiny  # noqa: E402
 from jaxrl_fp16.sampling import JaxOptions, VLLMOptions, create_sampler  # noqa: E402
 from jaxrl_fp16.sampling.base import Sampler, SamplingSettings  # noqa: E402
-from jaxrl_fp16.sampling.vllm_sampler import VLLMSampler, torch_weights  # noqa: E402
+from jaxrl_fp16.sampling.vllm_sampler import (MIN_VLLM_VERSION, VLLMSampler, VLLMVersionError,  # noqa: E402
+                                              sampled_logprobs, torch_weights)
 from sampler_references import filtered_logprob, perturbed, trainer_logits  # noqa: E402
 
 MAX_LEN = 128
@@ -126,6 +127,33 @@ def test_dlpack_and_numpy_weights_are_identical(trainer, dtype):
     embed = dict(host)["model.embed_tokens.weight"]
     np.testing.assert_array_equal(embed.float().numpy(),
                                   np.asarray(jnp.asarray(params["embed"]["embedding"]).astype(dtype), np.float32))
+
+
+def test_sampled_logprobs_reads_the_flat_and_the_dict_form():
+    from vllm.logprobs import FlatLogprobs, Logprob
+
+    ids = [7, 3, 9]
+    values = [-0.25, -1.5, -0.125]
+    flat = FlatLogprobs()
+    as_dicts = []
+    for t, v in zip(ids, values):
+        flat.append({t: Logprob(logprob=v, rank=1)})
+        as_dicts.append({t: Logprob(logprob=v, rank=1)})
+    np.testing.assert_array_equal(sampled_logprobs(flat, ids), np.float32(values))
+    np.testing.assert_array_equal(sampled_logprobs(as_dicts, ids), np.float32(values))
+    with pytest.raises(RuntimeError, match="log-prob at position 1 is for token 3, not the sampled 4"):
+        sampled_logprobs(flat, [7, 4, 9])
+
+
+def test_an_older_vllm_is_refused_before_the_engine_starts(model_dir, monkeypatch):
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the engine was started")
+
+    monkeypatch.setattr(vllm, "LLM", no_engine)
+    monkeypatch.setattr(vllm, "__version__", "0.15.1")
+    with pytest.raises(VLLMVersionError, match=f"installed vLLM is 0.15.1, the vLLM sampler needs vllm >= "
+                                               f"{MIN_VLLM_VERSION}"):
+        VLLMSampler(model_dir, dtype="float32", max_model_len=MAX_LEN)
 
 
 def test_dtype_disagreement_is_refused_before_the_engine_starts(model_dir, monkeypatch):
@@ -318,6 +346,47 @@ def _check_push(sampler, trainer, prompts, dtype, tol):
 def test_fp32_weight_push_follows_the_new_weights_and_restores_bit_identical(engines, trainer, prompts):
     seconds = _check_push(engines.get("float32"), trainer, prompts, "float32", FP32_TOL)
     assert seconds < 5.0
+
+
+def test_engine_settings_on_a_cpu_host(engines):
+    sampler = engines.get("float32")
+    settings = sampler.engine_settings
+    assert settings["enforce_eager"] is True  # None: eager on a CPU (no inductor compile)
+    assert settings["gpu_memory_utilization"] == 0.35 and settings["max_model_len"] == MAX_LEN
+    model_config = sampler._llm.llm_engine.vllm_config.model_config
+    assert model_config.enforce_eager and model_config.max_model_len == MAX_LEN
+
+
+def test_tokens_only_sampling_gives_the_same_tokens_without_logprobs(engines, prompts):
+    sampler = engines.get("float32")
+    settings = dict(max_new_tokens=10, samples_per_prompt=2, seed=5)
+    full = sampler.generate(prompts, SamplingSettings(**settings))
+    tokens_only = sampler.generate(prompts, SamplingSettings(**settings, logprobs=False))
+    np.testing.assert_array_equal(tokens_only.tokens, full.tokens)
+    np.testing.assert_array_equal(tokens_only.response_mask, full.response_mask)
+    assert full.has_logprobs and np.all(full.logprobs[full.response_mask == 1] < 0)
+    assert not tokens_only.has_logprobs and not np.any(tokens_only.logprobs)
+
+
+def test_flat_logprobs_equal_the_per_token_dicts(engines, prompts):
+    sampler = engines.get("float32")
+    assert sampler._flat_logprobs  # vLLM 0.32 has SamplingParams(flat_logprobs=...)
+    settings = SamplingSettings(max_new_tokens=10, samples_per_prompt=2, seed=6, temperature=0.8, top_k=20)
+    flat = sampler.generate(prompts, settings)
+    sampler._flat_logprobs = False
+    try:
+        dicts = sampler.generate(prompts, settings)
+    finally:
+        sampler._flat_logprobs = True
+    np.testing.assert_array_equal(flat.tokens, dicts.tokens)
+    np.testing.assert_array_equal(flat.logprobs, dicts.logprobs)
+
+
+def test_a_prompt_beyond_the_engines_context_names_the_key(engines, monkeypatch):
+    sampler = engines.get("float32")
+    monkeypatch.setattr(sampler._llm, "generate", lambda *a, **k: pytest.fail("the engine was asked to generate"))
+    with pytest.raises(ValueError, match="context length 128.*raise sampler.max_model_len"):
+        sampler.generate([[5] * (MAX_LEN - 4)], SamplingSettings(max_new_tokens=8))
 
 
 def test_fp16_weight_push_follows_the_new_weights_and_restores_bit_identical(engines, trainer, prompts):

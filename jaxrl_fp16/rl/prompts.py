@@ -67,7 +67,7 @@ def build_prompt_set(run: Any, base_dir: str, model_cfg: Any, params: Any, token
     else:
         sampler = JaxSampler(model_cfg, params, dtype="float32", max_batch_size=run.sampler.max_batch_size)
     prompts = [tokenizer(c.prompt, add_special_tokens=False)["input_ids"] for c in candidates]
-    rollout = sampler.generate(prompts, run.sampler.settings(p.samples_per_prompt, run.task.seed))
+    rollout = sampler.generate(prompts, run.sampler.settings(p.samples_per_prompt, run.task.seed, logprobs=False))
     rewards = rollout_rewards(task, candidates, tokenizer, rollout)
     rates = pass_rates(rewards, p.samples_per_prompt)
     position = {id(c): i for i, c in enumerate(candidates)}

