@@ -136,3 +136,21 @@ def test_left_pad_errors():
         left_pad([[1], []], 0)
     with pytest.raises(ValueError, match="width"):
         left_pad([[1, 2, 3]], 0, width=2)
+
+
+@pytest.mark.parametrize("dtype, fp32_ops, highest", [(jnp.float32, (), 10), (jnp.bfloat16, (), 0),
+                                                      (jnp.float16, ("lm_head",), 1),
+                                                      (jnp.bfloat16, ("attn_scores",), 2)])
+def test_fp32_matmuls_ask_for_full_fp32_precision(dtype, fp32_ops, highest):
+    """Every matmul computed in FP32 asks for Precision.HIGHEST (on GPUs JAX's default FP32 matmul is TF32);
+    half-precision matmuls keep the default. Read off the lowered program: 10 matmuls in a 1-layer model
+    (q, k, v, o, scores, probs.v, gate, up, down, LM head)."""
+    cfg = ModelConfig(arch="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=16, tie_word_embeddings=True, max_position_embeddings=64)
+    tok = jnp.zeros((1, 8), jnp.int32)
+    params = CausalLM(cfg).init(jax.random.PRNGKey(0), tok, *causal_inputs(tok, None, None))["params"]
+    model = CausalLM(cfg, dtype=dtype, numerics=Numerics.from_overrides(list(fp32_ops)))
+    text = jax.jit(lambda p, t: token_logprobs(model, p, t, jnp.ones_like(t))).lower(params, tok).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line]
+    assert len(dots) == 10
+    assert sum("HIGHEST" in line for line in dots) == highest

@@ -79,7 +79,7 @@ class Arith:
 
     dtype: Any
     fmt: FloatFormat | None = None
-    precision: Any = None  # matmul precision (HIGHEST when emulating)
+    precision: Any = None  # matmul precision (HIGHEST in FP32 and when emulating: no TF32 on GPUs)
 
     def cast(self, x: Array) -> Array:
         x = x.astype(self.dtype)
@@ -101,9 +101,14 @@ class Arith:
 
 
 def arith(dtype: Any, fmt: FloatFormat | None, f32: bool = False) -> Arith:
-    """The compute dtype (rounded to `fmt` when emulating), or FP32 unrounded when the op is forced to FP32."""
-    precision = None if fmt is None else jax.lax.Precision.HIGHEST
-    return Arith(jnp.float32 if f32 else dtype, None if f32 else fmt, precision)
+    """The compute dtype (rounded to `fmt` when emulating), or FP32 unrounded when the op is forced to FP32.
+
+    Matmuls in FP32 (the FP32 policy, an op forced to FP32, emulation) run at `Precision.HIGHEST`: on GPUs JAX's
+    default FP32 matmul is TF32 (10 mantissa bits), which would make the FP32 arm and the FP32 overrides of a
+    precision study something else. On CPUs it changes nothing (they have no TF32)."""
+    out_dtype = jnp.float32 if f32 else dtype
+    full = fmt is not None or jnp.dtype(out_dtype) == jnp.float32
+    return Arith(out_dtype, None if f32 else fmt, jax.lax.Precision.HIGHEST if full else None)
 
 
 def emulated_format(dtype: Any, numerics: Numerics) -> FloatFormat | None:

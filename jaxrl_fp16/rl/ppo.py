@@ -153,7 +153,8 @@ def critic_values(model: CausalLM, critic: Any, tokens_BxT: Array, attention_mas
     h_BxTxH, _, _ = model.apply({"params": critic["backbone"]}, tokens_BxT, positions_BxT, mask_BxTxT,
                                 return_logits=False)
     head = critic["value_head"]
-    v_BxT = jnp.dot(h_BxTxH.astype(jnp.float32), head["kernel"].astype(jnp.float32))
+    v_BxT = jnp.dot(h_BxTxH.astype(jnp.float32), head["kernel"].astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)  # FP32, not TF32 on GPUs
     v_BxT = v_BxT + head["bias"].astype(jnp.float32)
     return jnp.pad(v_BxT[:, :-1], ((0, 0), (1, 0)))  # position t-1 is the state before token t
 
