@@ -8,10 +8,13 @@ we set `--xla_allow_excess_precision=false` before JAX starts its backends. Set 
 (either value) to override.
 
 XLA:CPU's YNNPACK fusions (jaxlib 0.10) ignore that flag: a bf16 matmul fused with the FP32 ops that follow it
-(the LM head, then the log-softmax at a traced temperature) is kept in FP32, so the trainer's log-probs skipped
+(the LM head, then the log-softmax at a traced temperature) is kept in FP32, so the trainer's log-probs skip
 the bf16 rounding of the logits that the sampler's decode step applies (max |d log p| 0.04-0.05 on a tiny sharp
-model). So we also switch those fusions off (`--xla_cpu_experimental_ynn_fusion_type=`, empty: none), on the
-jaxlib versions known to have the flag (XLA aborts on a flag it does not know). Set the flag yourself to override.
+model). With `JAXRL_FP16_STRICT_ROUNDING=1` we also switch those fusions off
+(`--xla_cpu_experimental_ynn_fusion_type=`, empty: none), on the jaxlib versions known to have the flag (XLA
+aborts on a flag it does not know); then real bf16/f16 equal their emulated formats. It is not the default: on
+CPUs, part of the JAX engine's sampler-trainer mismatch comes from exactly this difference (see the README's
+"Faithful rounding"). Set the flag yourself to override either way.
 """
 
 import logging
@@ -20,6 +23,7 @@ import os
 FLAG = "--xla_allow_excess_precision"
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 YNN_JAXLIB = ((0, 10), (0, 11))  # [first, last) jaxlib (major, minor) whose XLA has YNN_FLAG
+STRICT_ENV = "JAXRL_FP16_STRICT_ROUNDING"
 
 
 def _jaxlib_minor() -> tuple[int, int] | None:
@@ -32,11 +36,15 @@ def _jaxlib_minor() -> tuple[int, int] | None:
         return None
 
 
+def strict() -> bool:
+    return os.environ.get(STRICT_ENV, "") not in ("", "0")
+
+
 def _wanted(flags: str) -> list[str]:
     """The flags to add to `flags`: those the user has not set."""
     wanted = [] if FLAG in flags else [f"{FLAG}=false"]
     jaxlib = _jaxlib_minor()
-    if YNN_FLAG not in flags and jaxlib is not None and YNN_JAXLIB[0] <= jaxlib < YNN_JAXLIB[1]:
+    if strict() and YNN_FLAG not in flags and jaxlib is not None and YNN_JAXLIB[0] <= jaxlib < YNN_JAXLIB[1]:
         wanted.append(f"{YNN_FLAG}=")
     return wanted
 
