@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-gpu test test-isa demo mismatch-demo bench clean
+.PHONY: install install-gpu test test-fast test-isa demo mismatch-demo bench clean
 
 install: $(STAMP)
 
@@ -40,6 +40,11 @@ $(GPU_STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# The suite without the tests marked slow (training runs, the warm-started base model, subprocesses, engine
+# starts): the one to run while developing. `make test` still runs everything.
+test-fast: install
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 # The suite once more as code for another instruction set would run it: XLA's CPU code generated for AVX2 (no
 # AVX-512) and OpenBLAS's Haswell kernels. Bitwise claims and codegen-dependent bounds must hold on both.

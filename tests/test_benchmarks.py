@@ -90,6 +90,7 @@ def test_our_step_and_the_pytorch_step_compute_the_same_losses(tmp_path):
         assert a[2] < a[0]  # both really train
 
 
+@pytest.mark.slow  # four compiles (train and decode, two dtypes)
 def test_gpu_script_runs_in_smoke_mode(tmp_path):
     out = gpu.main(["--smoke", "--steps", "1", "--out", str(tmp_path)])
     entry = out["models"]["smoke"]

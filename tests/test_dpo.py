@@ -204,8 +204,10 @@ def test_batches_walk_through_every_pair_once_per_epoch():
 # ----- through the real model -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+def cache_dir(base_models, tmp_path_factory):
+    """This module's model cache, holding the session's shared base model of the quick config (conftest.py)."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    return base_models.cache_dir(load_config(DPO_FP16, quick(cache)), cache)
 
 
 def quick(cache_dir, *extra):
@@ -216,6 +218,7 @@ def quick(cache_dir, *extra):
             f"checkpoint.every={STEPS}", "log.progress=false", "log.tensorboard=false", *extra]
 
 
+@pytest.mark.slow  # the warm-started base model (built once per session)
 def test_the_step_loss_and_gradients_through_the_model_equal_numpy(cache_dir, tmp_path):
     run = load_config(DPO_FP16, quick(cache_dir, "precision=fp32"))
     trainer = DPOTrainer(run, str(tmp_path))
@@ -278,6 +281,7 @@ def arms(cache_dir, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16-mixed", "bf16-mixed"])
 def test_a_tiny_dpo_run_learns(arms, precision):
     s = arms[precision]["summary"]
@@ -290,6 +294,7 @@ def test_a_tiny_dpo_run_learns(arms, precision):
     assert arms[precision]["compiles"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16-mixed", "bf16-mixed"])
 def test_metrics_lines_and_outputs(arms, precision):
     arm = arms[precision]
@@ -302,6 +307,7 @@ def test_metrics_lines_and_outputs(arms, precision):
     assert os.path.isdir(os.path.join(arm["run_dir"], "checkpoints", str(STEPS)))
 
 
+@pytest.mark.slow
 def test_fp16_scales_the_loss_and_skips_the_injected_overflow(arms):
     fp16, bf16 = arms["fp16-mixed"]["lines"], arms["bf16-mixed"]["lines"]
     assert fp16[3]["skipped"] == 1 and fp16[3]["loss_scale"] == fp16[2]["loss_scale"] / 2  # optimizer step 2
@@ -334,6 +340,7 @@ def metrics_without_time(run_dir):
         return [{k: v for k, v in json.loads(x).items() if k != "time/step"} for x in f]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_at_a_step_boundary_and_the_resume_ends_bitwise(cache_dir, whole, tmp_path, capsys,
                                                                       monkeypatch):
     args = cli_args(cache_dir)
@@ -377,6 +384,7 @@ def test_sigterm_stops_at_a_step_boundary_and_the_resume_ends_bitwise(cache_dir,
     assert main(["dpo", "--config", DPO_FP16, DPO_FP16, *args]) == 2
 
 
+@pytest.mark.slow
 def test_allowed_changes_are_recorded_and_a_broken_checkpoint_falls_back(cache_dir, whole, tmp_path, capsys,
                                                                           caplog):
     import shutil

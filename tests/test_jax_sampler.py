@@ -18,6 +18,12 @@ from jaxrl_fp16.sampling.jax_sampler import JaxSampler, processed_logits
 from jaxrl_fp16.scoring import Scorer
 
 
+# Each (dtype, row bucket, max_new_tokens) is a program of its own: the tests whose point is not a length share
+# one, and the FP32 check shares the BF16/FP16 test's FP32 program (32 rows, 48 tokens).
+NEW_TOKENS = 16
+LONG_TOKENS = 48
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = make_tiny(tmp_path_factory.mktemp("m") / "tiny", "qwen2", num_layers=3, sharp=8.0, seed=3)
@@ -34,7 +40,7 @@ def prompts_for(cfg, n=6, seed=0, lo=2, hi=12):
 def test_fp32_mu_equals_trainer_pi(tiny, temperature, top_k):
     _, cfg, params = tiny
     sampler = JaxSampler(cfg, params, dtype="float32")
-    settings = SamplingSettings(max_new_tokens=24, samples_per_prompt=3, temperature=temperature, seed=1)
+    settings = SamplingSettings(max_new_tokens=LONG_TOKENS, samples_per_prompt=3, temperature=temperature, seed=1)
     r = sampler.generate(prompts_for(cfg), settings)
     pi = Scorer(cfg, dtype="float32")(params, r.tokens, r.attention_mask, temperature)
     on = r.response_mask == 1
@@ -46,9 +52,9 @@ def test_fp32_mu_equals_trainer_pi(tiny, temperature, top_k):
 def test_layout_and_grouping(tiny):
     _, cfg, params = tiny
     prompts = prompts_for(cfg, n=4)
-    r = JaxSampler(cfg, params).generate(prompts, SamplingSettings(max_new_tokens=8, samples_per_prompt=2))
+    r = JaxSampler(cfg, params).generate(prompts, SamplingSettings(max_new_tokens=NEW_TOKENS, samples_per_prompt=2))
     P = max(len(p) for p in prompts)
-    assert r.tokens.shape == (8, P + 8) and r.prompt_width == P
+    assert r.tokens.shape == (8, P + NEW_TOKENS) and r.prompt_width == P
     assert r.prompt_index.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     for row in range(8):
         p = prompts[r.prompt_index[row]]
@@ -62,12 +68,12 @@ def test_layout_and_grouping(tiny):
 def test_deterministic_and_independent_of_batching(tiny):
     _, cfg, params = tiny
     prompts = prompts_for(cfg, n=5)
-    settings = SamplingSettings(max_new_tokens=16, samples_per_prompt=2, seed=7)
+    settings = SamplingSettings(max_new_tokens=NEW_TOKENS, samples_per_prompt=2, seed=7)
     a = JaxSampler(cfg, params).generate(prompts, settings)
     b = JaxSampler(cfg, params, max_batch_size=4).generate(prompts, settings)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6)
-    c = JaxSampler(cfg, params).generate(prompts, SamplingSettings(max_new_tokens=16, samples_per_prompt=2,
+    c = JaxSampler(cfg, params).generate(prompts, SamplingSettings(max_new_tokens=NEW_TOKENS, samples_per_prompt=2,
                                                                    seed=8))
     assert not np.array_equal(a.tokens, c.tokens)
 
@@ -75,12 +81,13 @@ def test_deterministic_and_independent_of_batching(tiny):
 def test_no_recompile_within_buckets(tiny):
     _, cfg, params = tiny
     sampler = JaxSampler(cfg, params)
-    settings = SamplingSettings(max_new_tokens=8)
+    settings = SamplingSettings(max_new_tokens=NEW_TOKENS)
     sampler.generate(prompts_for(cfg, n=3, seed=1), settings)
     size = jax_sampler._generate._cache_size()
     # Different prompt lengths, counts in the same bucket, other temperatures/seeds: no new program.
-    sampler.generate(prompts_for(cfg, n=4, seed=2), SamplingSettings(max_new_tokens=8, temperature=0.5, seed=3))
-    sampler.generate(prompts_for(cfg, n=3, seed=3), SamplingSettings(max_new_tokens=8, top_k=5, top_p=0.9))
+    sampler.generate(prompts_for(cfg, n=4, seed=2), SamplingSettings(max_new_tokens=NEW_TOKENS, temperature=0.5,
+                                                                     seed=3))
+    sampler.generate(prompts_for(cfg, n=3, seed=3), SamplingSettings(max_new_tokens=NEW_TOKENS, top_k=5, top_p=0.9))
     assert jax_sampler._generate._cache_size() == size
 
 
@@ -88,10 +95,10 @@ def test_stop_tokens_are_kept_and_finish_reasons(tiny):
     _, cfg, params = tiny
     sampler = JaxSampler(cfg, params)
     prompts = prompts_for(cfg, n=6)
-    free = sampler.generate(prompts, SamplingSettings(max_new_tokens=12, seed=2, ignore_eos=True))
+    free = sampler.generate(prompts, SamplingSettings(max_new_tokens=NEW_TOKENS, seed=2, ignore_eos=True))
     # Stop on the token each row drew 4th: every row must stop there (or earlier on another such token).
     stops = sorted({int(row[free.prompt_width + 3]) for row in free.tokens})
-    r = sampler.generate(prompts, SamplingSettings(max_new_tokens=12, seed=2, ignore_eos=True,
+    r = sampler.generate(prompts, SamplingSettings(max_new_tokens=NEW_TOKENS, seed=2, ignore_eos=True,
                                                    stop_token_ids=stops))
     for row in range(r.num_rows):
         resp = r.responses()[row]
@@ -99,12 +106,12 @@ def test_stop_tokens_are_kept_and_finish_reasons(tiny):
         assert not any(t in stops for t in resp[:-1])
         assert resp == free.responses()[row][: len(resp)]  # same draws up to the stop
         assert np.all(r.tokens[row, r.prompt_width + len(resp):] == cfg.pad_token_id)
-    assert set(free.finish_reasons) == {"length"} and np.all(free.response_lengths == 12)
+    assert set(free.finish_reasons) == {"length"} and np.all(free.response_lengths == NEW_TOKENS)
 
 
 def test_greedy_is_argmax_and_reports_untempered_logprobs(tiny):
     _, cfg, params = tiny
-    r = JaxSampler(cfg, params).generate(prompts_for(cfg, n=3), SamplingSettings(max_new_tokens=6,
+    r = JaxSampler(cfg, params).generate(prompts_for(cfg, n=3), SamplingSettings(max_new_tokens=NEW_TOKENS,
                                                                                   temperature=0.0))
     pi = Scorer(cfg)(params, r.tokens, r.attention_mask)
     on = r.response_mask == 1
@@ -199,7 +206,7 @@ def test_bf16_rounds_far_more_than_fp16_and_the_mismatch_stays_within_the_roundi
     than the two paths' roundings together (the triangle inequality through the FP32 model, per token)."""
     _, cfg, params = tiny
     prompts = prompts_for(cfg, n=16, seed=5)
-    settings = SamplingSettings(max_new_tokens=48, samples_per_prompt=2, seed=0, ignore_eos=True)
+    settings = SamplingSettings(max_new_tokens=LONG_TOKENS, samples_per_prompt=2, seed=0, ignore_eos=True)
     drift, same = {}, {}
     for dtype in ("float32", "float16", "bfloat16"):
         r = JaxSampler(cfg, params, dtype=dtype).generate(prompts, settings)

@@ -16,7 +16,8 @@ from jaxrl_fp16.config import ConfigError, load_config
 from jaxrl_fp16.loss_scale import DynamicLossScale, NoOpLossScale
 from jaxrl_fp16.lora import LORA_TARGETS, LoRA, LoRASpec, adapter_count, export_params, init_adapters, target_paths
 from jaxrl_fp16.models.decoder import CausalLM, token_logprobs
-from jaxrl_fp16.models.hf import hf_state_dict, load_hf_params
+from jaxrl_fp16.models.hf import load_hf_params
+from jaxrl_fp16.models.hf_table import hf_state_dict
 from jaxrl_fp16.models.tiny import make_tiny
 from jaxrl_fp16.precision import get_policy
 from jaxrl_fp16.rl.trainer import Trainer
@@ -257,9 +258,11 @@ def quick(cache_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def arms(tmp_path_factory):
-    """The same short LoRA-GRPO run in FP16 and in BF16, with accuracy on the prompt set before and after."""
+def arms(base_models, tmp_path_factory):
+    """The same short LoRA-GRPO run in FP16 and in BF16, with accuracy on the prompt set before and after (the
+    base model is the session's shared one, see conftest.py)."""
     cache_dir = str(tmp_path_factory.mktemp("cache"))
+    base_models.cache_dir(load_config(LORA_CONFIG, quick(cache_dir)), cache_dir)
     out = {}
     for precision in ("fp16-mixed", "bf16-mixed"):
         run = load_config(LORA_CONFIG, quick(cache_dir, f"precision={precision}", "train.iterations=12",
@@ -279,6 +282,7 @@ def arms(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16-mixed", "bf16-mixed"])
 def test_a_tiny_lora_grpo_run_learns(arms, precision):
     arm = arms[precision]
@@ -290,6 +294,7 @@ def test_a_tiny_lora_grpo_run_learns(arms, precision):
     assert all(np.isfinite(m["mismatch/kl_k3"]) for m in arm["history"])
 
 
+@pytest.mark.slow
 def test_the_export_is_the_merge_of_the_trained_adapters(arms):
     """hf/ of the FP16 run: every targeted weight is base + (alpha / rank) * B @ A in FP32, every other tensor
     the base's; B moved away from 0 in training.
@@ -328,6 +333,7 @@ def test_the_export_is_the_merge_of_the_trained_adapters(arms):
         np.testing.assert_array_equal(exported[key], base[key])
 
 
+@pytest.mark.slow
 def test_export_of_a_lora_checkpoint_equals_the_final_export(arms, tmp_path):
     from jaxrl_fp16.cli import main
 
@@ -340,6 +346,7 @@ def test_export_of_a_lora_checkpoint_equals_the_final_export(arms, tmp_path):
         np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.slow
 def test_the_trainer_checkpoints_only_the_adapters(arms, tiny):
     arm = arms["fp16-mixed"]
     ckpt_dir = os.path.join(arm["run_dir"], "checkpoints")
@@ -357,6 +364,7 @@ def test_the_trainer_checkpoints_only_the_adapters(arms, tiny):
     assert ratio < 0.15
 
 
+@pytest.mark.slow
 def test_a_resumed_lora_run_restores_the_adapters_and_pushes_the_merge(arms):
     arm = arms["fp16-mixed"]
     trainer = Trainer(arm["run"], arm["run_dir"], resume=True)

@@ -419,18 +419,23 @@ def test_config_section():
 ITERATIONS = 16
 
 
+def _quick(cache, *extra):
+    """The PPO config scaled down for tests (a shorter warm start, fewer prompts per iteration)."""
+    return [f"model.cache_dir={cache}", "model.warm_start.steps=300", "task.num_problems=256",
+            "train.prompts_per_iteration=16", "optim.lr=1e-4", "critic.lr_scale=3", f"train.iterations={ITERATIONS}",
+            "log.progress=false", "log.tensorboard=false", *extra]
+
+
 @pytest.fixture(scope="module")
-def arms(tmp_path_factory):
-    """The same short PPO run in FP16 and in BF16 (the base model is built once, cached in a shared folder)."""
+def arms(base_models, tmp_path_factory):
+    """The same short PPO run in FP16 and in BF16 (the base model is the session's shared one, see conftest.py)."""
     from jaxrl_fp16.rl.trainer import Trainer
 
     cache = str(tmp_path_factory.mktemp("cache"))
+    base_models.cache_dir(load_config(PPO_CONFIG, _quick(cache)), cache)
     out = {}
     for precision in ("fp16-mixed", "bf16-mixed"):
-        run = load_config(PPO_CONFIG, [f"model.cache_dir={cache}", "model.warm_start.steps=300",
-                                       "task.num_problems=256", "train.prompts_per_iteration=16", "optim.lr=1e-4",
-                                       "critic.lr_scale=3", f"train.iterations={ITERATIONS}", "log.progress=false",
-                                       "log.tensorboard=false", f"precision={precision}"])
+        run = load_config(PPO_CONFIG, _quick(cache, f"precision={precision}"))
         run_dir = str(tmp_path_factory.mktemp(precision))
         trainer = Trainer(run, run_dir)
         try:
@@ -442,6 +447,7 @@ def arms(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16-mixed", "bf16-mixed"])
 def test_a_tiny_ppo_run_learns(arms, precision):
     history = arms[precision]["history"]
@@ -456,6 +462,7 @@ def test_a_tiny_ppo_run_learns(arms, precision):
     assert history[-1]["critic/explained_variance"] > history[0]["critic/explained_variance"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16-mixed", "bf16-mixed"])
 def test_metrics_carry_the_critic_and_the_mismatch(arms, precision):
     with open(os.path.join(arms[precision]["run_dir"], "metrics.jsonl")) as f:
@@ -468,11 +475,13 @@ def test_metrics_carry_the_critic_and_the_mismatch(arms, precision):
         assert m["mismatch/num_tokens"] > 0
 
 
+@pytest.mark.slow
 def test_bf16_mismatch_is_larger_than_fp16(arms):
     kl = {p: np.mean([m["mismatch/kl_k3"] for m in arms[p]["history"]]) for p in arms}
     assert kl["bf16-mixed"] > 3 * kl["fp16-mixed"]
 
 
+@pytest.mark.slow
 def test_export_writes_the_policy_only(arms, tmp_path):
     from jaxrl_fp16.cli import main
 

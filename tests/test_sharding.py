@@ -205,12 +205,14 @@ def eight_devices(tmp_path_factory):
         return json.load(f)
 
 
+@pytest.mark.slow  # the 8-device subprocess
 def test_eight_devices_with_our_xla_flag(eight_devices):
     assert eight_devices["device_count"] == 8
     flags = eight_devices["xla_flags"].split()
     assert "--xla_force_host_platform_device_count=8" in flags and "--xla_allow_excess_precision=false" in flags
 
 
+@pytest.mark.slow  # the 8-device subprocess
 @pytest.mark.parametrize("policy", ["fp32", "fp16-mixed"])
 def test_sharded_training_matches_one_device(eight_devices, policy):
     runs = eight_devices[policy]
@@ -236,6 +238,7 @@ def test_sharded_training_matches_one_device(eight_devices, policy):
         assert single["skipped"][0] == 1 and sum(single["skipped"]) < len(single["skipped"])
 
 
+@pytest.mark.slow  # the 8-device subprocess
 def test_params_and_adam_state_are_really_sharded(eight_devices):
     runs = eight_devices["fp32"]
     q = "['layers']['attn']['q_proj']['kernel']"  # [L=2, 64, 64]
@@ -248,6 +251,7 @@ def test_params_and_adam_state_are_really_sharded(eight_devices):
         assert runs[name]["mu"] == runs[name]["params"], name  # Adam's moments sharded as their params
 
 
+@pytest.mark.slow  # the 8-device subprocess
 def test_checkpoint_restores_onto_another_mesh_and_continues_identically(eight_devices):
     restores = eight_devices["restore"]
     assert restores
@@ -259,6 +263,7 @@ def test_checkpoint_restores_onto_another_mesh_and_continues_identically(eight_d
         assert r["param_rel_diff"] < 0.02, (name, r["param_rel_diff"])  # FP16 (see above; measured 0.31%)
 
 
+@pytest.mark.slow  # the 8-device subprocess
 def test_streaming_push_equals_unsharded_export(eight_devices):
     stream = eight_devices["stream"]
     assert stream["q_kernel_shard_shape"] == [2, 32, 16]  # the streamed tree was sharded

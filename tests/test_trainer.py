@@ -17,6 +17,9 @@ from jaxrl_fp16.mismatch import METRIC_NAMES
 from jaxrl_fp16.models.hf import load_hf_params
 from jaxrl_fp16.rl.trainer import Trainer
 
+# Every test here trains, or needs the warm-started base model (300 supervised steps, built once per session).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_fp16.yaml")
 
@@ -29,8 +32,10 @@ def quick(cache_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+def cache_dir(base_models, tmp_path_factory):
+    """This module's model cache, holding the session's shared base model of the quick config (conftest.py)."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    return base_models.cache_dir(load_config(TINY, quick(cache)), cache)
 
 
 @pytest.fixture(scope="module")
@@ -141,15 +146,20 @@ def _wait_for_lines(proc, path, n):
     raise AssertionError(f"{path} did not reach {n} lines")
 
 
-def test_sigterm_sigkill_and_resume_are_bitwise_identical(cache_dir, tmp_path, arms):  # arms: base model cached
+def _train_here(run_dir, cache_dir, *extra):
+    """The same command as `_train`, in this process (no signal to send it): its exit status."""
+    from jaxrl_fp16.cli import main
+
+    return main(["train", TINY, "--run-dir", run_dir, *quick(cache_dir, "train.iterations=6", "checkpoint.every=2",
+                                                             *extra)])
+
+
+def test_sigterm_sigkill_and_resume_are_bitwise_identical(cache_dir, tmp_path):
     """SIGTERM stops at the next iteration boundary with a checkpoint (exit status 143, one line); SIGKILL at a
     random moment loses only the work since the last checkpoint; resumed, the run ends bitwise where an
-    uninterrupted one ends."""
+    uninterrupted run ends. Only the two runs that get a signal are separate processes."""
     ref_dir, killed_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
     ckpt_dir = os.path.join(killed_dir, "checkpoints")
-    ref = _train(ref_dir, cache_dir)
-    assert ref.wait(timeout=600) == 0, ref.stderr.read()
-
     metrics = os.path.join(killed_dir, "metrics.jsonl")
     stopped = _train(killed_dir, cache_dir)
     _wait_for_lines(stopped, metrics, 1)
@@ -162,16 +172,16 @@ def test_sigterm_sigkill_and_resume_are_bitwise_identical(cache_dir, tmp_path, a
                                             f"checkpoint {done} saved in {ckpt_dir} (continue with --resume)")
     assert str(done) in os.listdir(ckpt_dir) and not os.path.exists(os.path.join(killed_dir, "hf"))
 
-    proc = _train(killed_dir, cache_dir, "--resume")
-    rng = np.random.default_rng()
     if done < 4:  # kill during one of the iterations after it (checkpoints every 2), at a random moment
+        proc = _train(killed_dir, cache_dir, "--resume")
+        rng = np.random.default_rng()
         _wait_for_lines(proc, metrics, int(rng.integers(done + 1, 5)))
         time.sleep(rng.uniform(0.0, 0.2))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert proc.returncode == -signal.SIGKILL
-        proc = _train(killed_dir, cache_dir, "--resume")
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    assert _train_here(killed_dir, cache_dir, "--resume") == 0
+    assert _train_here(ref_dir, cache_dir) == 0  # the uninterrupted reference
 
     _, p_ref = load_hf_params(os.path.join(ref_dir, "hf"))
     _, p_res = load_hf_params(os.path.join(killed_dir, "hf"))
@@ -191,8 +201,7 @@ def test_sigterm_sigkill_and_resume_are_bitwise_identical(cache_dir, tmp_path, a
     import shutil
 
     shutil.rmtree(os.path.join(killed_dir, "hf"))
-    again = _train(killed_dir, cache_dir, "--resume")
-    assert again.wait(timeout=600) == 0, again.stderr.read()
+    assert _train_here(killed_dir, cache_dir, "--resume") == 0
     _, p_again = load_hf_params(os.path.join(killed_dir, "hf"))
     for a, b in zip(jax.tree_util.tree_leaves(p_ref), jax.tree_util.tree_leaves(p_again)):
         np.testing.assert_array_equal(a, b)
@@ -205,12 +214,12 @@ def test_a_second_run_in_the_same_directory_needs_resume(cache_dir, tmp_path, ar
         Trainer(run, arms["fp16-mixed"]["run_dir"])
 
 
-def test_sft_command_writes_a_warm_started_model(cache_dir, tmp_path, arms):
+def test_sft_command_writes_a_warm_started_model(cache_dir, tmp_path):
     from jaxrl_fp16.cli import main
     from jaxrl_fp16.rl.sft import ensure_base_model
 
     run = load_config(TINY, quick(cache_dir))
-    base = ensure_base_model(run, progress=False)  # cached by the arms
+    base = ensure_base_model(run, progress=False)  # in the cache already (the fixture built it)
     out = tmp_path / "base"
     assert main(["sft", TINY, "--out", str(out), *quick(cache_dir)]) == 0
     _, a = load_hf_params(base)

@@ -1,0 +1,103 @@
+"""Session-wide test fixtures, shared by the pytest-xdist workers and by the CLI processes tests start.
+
+- One JAX persistent compilation cache per test session (`JAX_COMPILATION_CACHE_DIR` under the session's shared
+  temporary folder, set before the first test): a program compiled once, by a worker or by a `jaxrl-fp16`
+  subprocess, is loaded by the others instead of compiled again. The key covers the program, the devices and
+  XLA_FLAGS, so `make test-isa` and the 8-device subprocess get their own entries. A cache dir already set in
+  the environment is kept.
+- `base_models`: each warm-started tiny base model is built once per session, in a shared folder, under a file
+  lock (the first worker that needs it builds it, the others wait and reuse it). A test module asks for its own
+  cache folder with the base model of its run config linked in, and passes it as `model.cache_dir`:
+
+      @pytest.fixture(scope="module")
+      def cache_dir(base_models, tmp_path_factory):
+          run = load_config(CONFIG, ["model.warm_start.steps=300", ...])  # the keys that pick the base model
+          return base_models.cache_dir(run, tmp_path_factory.mktemp("cache"))
+
+      ... load_config(CONFIG, [f"model.cache_dir={cache_dir}", ...]) or `jaxrl-fp16 ... model.cache_dir=...`
+
+  The base model is keyed as `jaxrl_fp16.rl.sft.ensure_base_model` keys it (`model.tiny`, `model.warm_start`,
+  `task.name`, `task.options`), so modules whose configs agree on those keys share one build: test_trainer,
+  test_lora and test_ppo (configs/tiny_fp16.yaml with a 300-step warm start) do. A CLI test (test_sanity's
+  `jaxrl-fp16 sanity`) uses it the same way: load the run config the command builds
+  (`load_config(jaxrl_fp16.sanity.preset_path(), overrides)`), and give the command
+  `model.cache_dir=<the folder returned>`; it shares the others' build when its warm start and task keys equal
+  theirs. Each module gets its own folder (linking the shared build) because the prompt-set cache that runs
+  write next to the base model is not safe for two processes writing the same file at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import filelock  # installed with transformers (huggingface_hub) and torch
+import pytest
+
+
+# Programs that compile faster than this are not written to the cache (JAX's default is 1 s).
+MIN_COMPILE_SECONDS = 0.0
+
+
+def _shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's temporary folder every xdist worker sees (a worker's own base temp is below it)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return root / "shared"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jax_compilation_cache(tmp_path_factory):
+    """The session's persistent compilation cache (in this process and in the subprocesses tests start)."""
+    import jax
+
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if not path:
+        path = str(_shared_root(tmp_path_factory) / "jax-cache")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(MIN_COMPILE_SECONDS)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+        jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
+def _model_key(run) -> str:
+    """What determines a run's built base model (ensure_base_model's spec, without its format version)."""
+    spec = {"tiny": dataclasses.asdict(run.model.tiny), "warm_start": dataclasses.asdict(run.model.warm_start),
+            "task": {"name": run.task.name, "options": dict(run.task.options)}}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SharedBaseModels:
+    """Base models built once per test session in `root` and linked into each caller's cache folder."""
+
+    root: Path
+
+    def build(self, run) -> str:
+        """The shared directory of `run`'s base model, built on first use (one builder at a time per model)."""
+        from jaxrl_fp16.rl.sft import ensure_base_model
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        shared = dataclasses.replace(run, model=dataclasses.replace(run.model, path=None, cache_dir=str(self.root)))
+        with filelock.FileLock(str(self.root / f"build-{_model_key(run)}.lock")):
+            return ensure_base_model(shared, progress=False)
+
+    def cache_dir(self, run, cache_dir: str | os.PathLike) -> str:
+        """`cache_dir` (created) holding `run`'s base model, a link to the shared build; `run`'s own
+        `model.cache_dir` and `model.path` are ignored."""
+        built = self.build(run)
+        os.makedirs(cache_dir, exist_ok=True)
+        link = os.path.join(cache_dir, os.path.basename(built))
+        if not os.path.lexists(link):
+            os.symlink(built, link, target_is_directory=True)
+        return str(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def base_models(tmp_path_factory) -> SharedBaseModels:
+    """The session's shared base models (see the module docstring)."""
+    return SharedBaseModels(root=_shared_root(tmp_path_factory) / "base-models")
