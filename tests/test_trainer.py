@@ -98,13 +98,18 @@ def test_export_on_demand_equals_the_final_export(arms, tmp_path):
     assert main(["export", run_dir, str(tmp_path / "x"), "--iteration", "7"]) == 2  # no such checkpoint
 
 
-def test_bf16_mismatch_is_larger_than_fp16(arms):
+def test_bf16_mismatch_is_at_least_three_times_fp16(arms):
+    """The JAX engine's two paths (KV-cache decode, teacher-forced scoring) differ only where the CPU's code makes
+    them differ (with JAXRL_FP16_STRICT_ROUNDING=1 both are bit-identical here, so both mismatches are 0), so no
+    lower bound on either; where they differ, BF16's is at least 3x FP16's. The effect measured where it cannot
+    vanish is in tests/test_jax_sampler.py (each path against FP32)."""
     def mean(precision, key):
         return float(np.mean([m[key] for m in arms[precision]["history"]]))
 
     for key in ("mismatch/kl_k3", "mismatch/prob_abs_diff_mean", "mismatch/log_ratio_abs_max"):
         print(key, mean("fp16-mixed", key), mean("bf16-mixed", key))
-        assert mean("bf16-mixed", key) > 3 * mean("fp16-mixed", key), key
+        assert np.isfinite(mean("bf16-mixed", key)) and mean("fp16-mixed", key) >= 0, key
+        assert mean("bf16-mixed", key) >= 3 * mean("fp16-mixed", key), key
 
 
 def test_injected_overflow_steps_are_skipped(cache_dir, tmp_path):
