@@ -6,6 +6,10 @@ Every number in the report is computed from the arms' own `metrics.jsonl` by `su
     final accuracy   mean `reward/accuracy` of the last 5 iterations
     start / end      mean of a mismatch metric over the first / last 3 iterations
     skipped steps    `skipped_steps` of the last line; wall time: sum of `time/iteration`
+
+`seed=N` seeds the whole experiment (`seed_overrides`): the tiny model's initialisation and the warm start as well
+as the RL prompt order and sampling, so each seed is an independent replicate with its own base model and
+perfectible set.
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ import numpy as np
 from jaxrl_fp16.config import load_config
 from jaxrl_fp16.rl.losses import LOSSES
 
-__all__ = ["Arm", "arms_for", "run_sanity", "summarize_arm", "read_metrics", "write_report"]
+__all__ = ["Arm", "arms_for", "arm_configs", "run_sanity", "seed_overrides", "summarize_arm", "read_metrics",
+           "write_report"]
 
 SMOOTH = 5
 EDGE = 3
+SANITY_ACCURACY = 0.9  # the paper's sanity criterion, in miniature: final FP16 training accuracy at least this
+SEEDED_KEYS = ("model.tiny.seed", "model.warm_start.seed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +43,7 @@ class Arm:
 
 
 def preset_path() -> str:
-    return str(resources.files("jaxrl_fp16") / "presets" / "tiny.yaml")
+    return str(resources.files("jaxrl_fp16") / "presets" / "sanity.yaml")
 
 
 def arms_for(quick: bool) -> list[Arm]:
@@ -47,6 +54,24 @@ def arms_for(quick: bool) -> list[Arm]:
     for algorithm in LOSSES:
         arms += [Arm(f"fp16-{algorithm}", "fp16-mixed", algorithm), Arm(f"bf16-{algorithm}", "bf16-mixed", algorithm)]
     return arms
+
+
+def seed_overrides(overrides: Sequence[str]) -> list[str]:
+    """`overrides` with an integer `seed=N` also seeding the tiny model and the warm start (`SEEDED_KEYS`); those
+    keys given explicitly win (they come later)."""
+    seeds = [o.partition("=")[2].strip() for o in overrides if o.partition("=")[0].strip() == "seed"]
+    if not seeds or not seeds[-1].isdigit():
+        return list(overrides)  # no seed, or a bad one that load_config reports under its own name
+    return [*(f"{key}={seeds[-1]}" for key in SEEDED_KEYS), *overrides]
+
+
+def arm_configs(arms: Sequence[Arm], *, sampler: str = "jax", overrides: Sequence[str] = (),
+                progress: bool = True) -> dict[str, Any]:
+    """Each arm's validated `RunConfig`: the preset, the arm's precision and algorithm, then `overrides`."""
+    return {arm.name: load_config(preset_path(), [f"precision={arm.precision}", f"loss.algorithm={arm.algorithm}",
+                                                  f"sampler.name={sampler}", f"log.progress={progress}",
+                                                  *seed_overrides(overrides)])
+            for arm in arms}
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -84,11 +109,7 @@ def run_sanity(out: str, *, quick: bool = True, sampler: str = "jax", overrides:
     from jaxrl_fp16.rl.trainer import Trainer
 
     arms = arms_for(quick)
-    # Validate every arm's config before any work.
-    configs = {arm.name: load_config(preset_path(), [f"precision={arm.precision}", f"loss.algorithm={arm.algorithm}",
-                                                       f"sampler.name={sampler}", f"log.progress={progress}",
-                                                       *overrides])
-               for arm in arms}
+    configs = arm_configs(arms, sampler=sampler, overrides=overrides, progress=progress)  # all before any work
     os.makedirs(out, exist_ok=True)
     rows = {}
     started = time.perf_counter()
@@ -108,6 +129,7 @@ def run_sanity(out: str, *, quick: bool = True, sampler: str = "jax", overrides:
             os.path.join(run_dir, "metrics.jsonl")))}
     first = configs[arms[0].name]
     setup = {"quick": quick, "sampler": sampler, "task": first.task.name, "task_options": dict(first.task.options),
+             "seed": first.seed, "task_seed": first.task.seed, "warm_start_steps": first.model.warm_start.steps,
              "iterations": first.train.iterations, "prompts_per_iteration": first.train.prompts_per_iteration,
              "samples_per_prompt": first.train.samples_per_prompt, "lr": first.optim.lr,
              "model": dataclasses.asdict(first.model.tiny), **prompt_stats,
@@ -126,6 +148,10 @@ def findings(rows: dict[str, dict[str, Any]]) -> list[str]:
             continue
         for when in ("start", "end"):
             a, b = fp16[f"kl_k3_{when}"], bf16[f"kl_k3_{when}"]
+            if a == b == 0:
+                out.append(f"NOT reproduced ({algorithm}, {when}): no sampler-trainer mismatch in either precision "
+                           f"(kl_k3 0 in both): the sampler's log-probs equal the trainer's bit for bit.")
+                continue
             ratio = b / a if a > 0 else float("inf")
             verdict = "REPRODUCED" if ratio >= 5 else "NOT reproduced"
             out.append(f"{verdict} ({algorithm}, {when}): BF16's sampler-trainer mismatch (kl_k3 {b:.2e}) is "
@@ -144,10 +170,31 @@ def findings(rows: dict[str, dict[str, Any]]) -> list[str]:
                        f"collapse. At this scale the mismatch is too small to derail {rows[f'fp16-{algorithm}']['iterations']}"
                        f" iterations; the paper's collapses came after hundreds of steps on a 1.5B model with long "
                        f"responses.")
+        met = fp16["accuracy_final"] >= SANITY_ACCURACY
+        out.append(f"Sanity criterion ({algorithm}) {'MET' if met else 'NOT met'}: FP16 final training accuracy "
+                   f"{fp16['accuracy_final']:.3f} {'>=' if met else '<'} {SANITY_ACCURACY} on the perfectible "
+                   f"prompts (the paper: a sound pipeline drives it above 0.95).")
         if fp16["skipped_steps"]:
             out.append(f"FP16 ({algorithm}) skipped {fp16['skipped_steps']} overflowing optimizer step(s); dynamic "
                        f"loss scaling lowered the scale and training went on.")
     return out
+
+
+def reproducibility(setup: dict[str, Any]) -> list[str]:
+    """The report's statement of what a rerun reproduces exactly and what it does not."""
+    return ["## Reproducibility", "",
+            f"Seed {setup.get('seed', '?')}: it seeds the tiny model's initialisation, the warm start ("
+            f"{setup.get('warm_start_steps', '?')} steps: its problems and batches), the RL prompt order and the "
+            f"sampling; the candidate problems come from `task.seed` ({setup.get('task_seed', '?')}). Another "
+            "seed is an independent replicate: another base model, another perfectible set.",
+            "",
+            "- Deterministic: on one machine, the same command (seed and overrides) gives bitwise the same base "
+            "model, prompt set, metrics and report numbers (every random draw is seeded; the base model and the "
+            "prompt set are cached under `model.cache_dir`, keyed by what determines them). Wall times vary.",
+            "- Not deterministic across CPUs: XLA's CPU code and the BLAS kernels depend on the instruction set "
+            "(e.g. AVX2 vs AVX-512), so the warm-started weights round differently and the perfectible set and "
+            "both RL runs differ from another machine's. What carries over is the outcome (the sanity criterion, "
+            "the FP16/BF16 mismatch ratio), not the digits."]
 
 
 def write_report(out: str, rows: dict[str, dict[str, Any]], setup: dict[str, Any]) -> dict[str, Any]:
@@ -189,6 +236,7 @@ def write_report(out: str, rows: dict[str, dict[str, Any]], setup: dict[str, Any
     lines += ["", f"Peak accuracy: the highest trailing {SMOOTH}-iteration mean; final: the mean of the last "
               f"{SMOOTH} iterations; start/end mismatch: the mean of the first/last {EDGE} iterations. Every number "
               "comes from the arm's `metrics.jsonl`.", "",
+              *reproducibility(setup), "",
               "![training accuracy](accuracy.png)", "", "![mismatch](mismatch_kl.png)", ""]
     if scatter:
         lines += ["![token probabilities](token_scatter.png)", ""]
