@@ -54,6 +54,15 @@ def _non_negative(section: str, **values: Any) -> None:
             raise ConfigError(f"{section}.{name} must be >= 0, got {value!r}")
 
 
+ATTENTION_CHOICES = ("auto", "dense", "blockwise", "cudnn")
+REMAT_CHOICES = ("auto", "none", "full", "dots")
+
+
+def _choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -192,13 +201,32 @@ class ModelSection:
     warm_start: SFTSection = dataclasses.field(default_factory=SFTSection)
     cache_dir: str = ".cache/jaxrl_fp16"
     fp32_ops: list[str] = dataclasses.field(default_factory=list)  # Numerics overrides (op classes in FP32)
+    # An emulated float format ("e5m10", "e4m3fn", "bfloat16", ...) for the trainer's compute and the JAX
+    # sampler (`Numerics.emulate`); needs `precision` with compute dtype float32 (e.g. `fp32`).
+    emulate: Optional[str] = None
+    # Attention implementation for the training and scoring forward: "dense" (the [T, S] score tensor, written
+    # out op by op), "blockwise" (online softmax over key blocks of `attention_block` keys: O(T) memory),
+    # "cudnn" (jax.nn.dot_product_attention's fused kernel, GPUs only), "auto" (chosen per backend and length).
+    attention: str = "auto"
+    attention_block: int = 512
+    # Rematerialisation of each scanned decoder layer in the backward pass: "none", "full" (recompute the whole
+    # layer), "dots" (save matmul outputs, recompute the rest), "auto" (chosen per backend).
+    remat: str = "auto"
 
     def __post_init__(self):
         _check_fields(self, "model")
         try:
-            Numerics.from_overrides(self.fp32_ops)  # validates the names
+            Numerics.from_overrides(self.fp32_ops, emulate=self.emulate)  # validates the names and the format
         except ValueError as e:
-            raise ConfigError(f"model.fp32_ops: {e}") from None
+            key = "model.emulate" if "emulate" in str(e) else "model.fp32_ops"
+            raise ConfigError(f"{key}: {e}") from None
+        _choice("model.attention", self.attention, ATTENTION_CHOICES)
+        _choice("model.remat", self.remat, REMAT_CHOICES)
+        _positive("model", attention_block=self.attention_block)
+
+    def numerics(self) -> Numerics:
+        """The `Numerics` the trainer, scorer and JAX sampler run with."""
+        return Numerics.from_overrides(self.fp32_ops, emulate=self.emulate)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -620,6 +648,13 @@ class RunConfig:
             raise ConfigError(f"sampler.dtype={s.dtype} differs from the compute dtype of precision={self.precision} "
                               f"({np.dtype(compute).name}): the rollout policy would not be the training policy; "
                               f"set sampler.allow_dtype_mismatch=true to study the mismatch")
+        if self.model.emulate is not None and np.dtype(compute) != np.float32:
+            raise ConfigError(f"model.emulate={self.model.emulate} needs a float32 compute dtype (the emulated format "
+                              f"is carried in FP32), but precision={self.precision} computes in "
+                              f"{np.dtype(compute).name}; set precision=fp32")
+        if self.model.emulate is not None and s.name not in ("jax",):
+            raise ConfigError(f"model.emulate={self.model.emulate}: only the JAX sampler (sampler.name=jax) can "
+                              f"run an emulated format; sampler.name={s.name} computes in real dtypes")
         context = self.model.tiny.max_position_embeddings
         if self.model.path is None and s.max_new_tokens >= context:
             raise ConfigError(f"sampler.max_new_tokens={s.max_new_tokens} leaves no room for a prompt in the tiny "

@@ -30,7 +30,6 @@ import numpy as np
 
 from jaxrl_fp16.checkpoint import Checkpointer
 from jaxrl_fp16.config import ConfigError, RunConfig
-from jaxrl_fp16.models.config import Numerics
 from jaxrl_fp16.models.decoder import CausalLM, token_logprobs
 from jaxrl_fp16.models.hf import load_hf_params, save_hf_params
 from jaxrl_fp16.rl.dpo import DPO_DIAG_NAMES, dpo_loss, sequence_logps
@@ -108,7 +107,7 @@ class DPOTrainer:
         self.eval_data = data.subset(slice(d.num_pairs, None))
 
         self.model = CausalLM(self.model_cfg, dtype=self.policy.compute_dtype,
-                              numerics=Numerics.from_overrides(run.model.fp32_ops))
+                              numerics=run.model.numerics())
         self.loss_cfg = d.loss_config()
         self._score = jax.jit(functools.partial(pair_logps, self.model))
         params = jax.tree_util.tree_map(jnp.asarray, params)

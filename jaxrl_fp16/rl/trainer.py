@@ -35,7 +35,6 @@ from jaxrl_fp16.config import ConfigError, RunConfig
 from jaxrl_fp16.lora import LoRA
 from jaxrl_fp16.loss_scale import DynamicLossScale, NoOpLossScale, StaticLossScale
 from jaxrl_fp16.memory import check_fits, device_bytes_limit, estimate_memory
-from jaxrl_fp16.models.config import Numerics
 from jaxrl_fp16.models.decoder import CausalLM, token_logprobs
 from jaxrl_fp16.models.hf import load_hf_params, save_hf_params
 from jaxrl_fp16.rl import ppo
@@ -171,7 +170,7 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(self.base_dir)
         self.task = make_task(run.task.name, **dict(run.task.options))
-        numerics = Numerics.from_overrides(run.model.fp32_ops)
+        numerics = run.model.numerics()
         compute = self.policy.compute_dtype
         sampler_dtype = run.sampler.dtype or str(compute)
         self.sampler = create_sampler(run.sampler.name, cfg=self.model_cfg, params=params, model_dir=self.base_dir,
