@@ -15,6 +15,10 @@ the GPU smoke test):
   trainer's mesh spans the others (`sampling.options.trainer_devices`); vLLM takes 0.9 of its GPUs by default.
 - Any other sampler: nothing is set.
 
+`prepare_gpus` also turns GPU determinism on when the config asks for it (`debug.deterministic=true`:
+`--xla_gpu_deterministic_ops=true` in XLA_FLAGS, and vLLM's batch-invariant mode; see `jaxrl_fp16._xla_flags`);
+the doctor reports that setting, and with such a config names a vLLM without the batch-invariant mode.
+
 This module imports neither vllm nor torch: versions come from the package metadata and the push API from the
 installed vLLM's source (`sampling.vllm_sampler.push_api`).
 """
@@ -39,6 +43,7 @@ from jaxrl_fp16.sampling.options import MEMORY_MARGIN, default_max_model_len, en
 
 __all__ = ["JAX_FRACTION_ENV", "PREALLOCATE_ENV", "JAX_DEFAULT_FRACTION", "MIN_JAX_FRACTION", "GpuPlan",
            "memory_split", "count_gpus", "jax_visible_devices", "gpu_plan", "apply_gpu_plan", "prepare_gpus",
+           "prepare_determinism", "determinism_report", "determinism_problems",
            "package_versions", "requirement_problems", "diagnose", "format_report", "main"]
 
 log = logging.getLogger(__name__)
@@ -231,8 +236,23 @@ def apply_gpu_plan(plan: GpuPlan, environ: MutableMapping[str, str] | None = Non
     return applied
 
 
+def prepare_determinism(run: RunConfig) -> list[str]:
+    """GPU determinism for a run with `debug.deterministic=true` (`_xla_flags.enable_deterministic`); returns the
+    XLA flags added. Call before any JAX computation (DeterminismError, a ValueError, when it is too late)."""
+    if not run.debug.deterministic:
+        return []
+    from jaxrl_fp16._xla_flags import enable_deterministic
+
+    added = enable_deterministic()
+    log.info("debug.deterministic=true: %s", " ".join(added) or "XLA_FLAGS already has the flag (or JAX runs on "
+             "the CPU)")
+    return added
+
+
 def prepare_gpus(run: RunConfig) -> GpuPlan:
-    """The run's GPU plan, applied; call before any JAX computation (ConfigError when the shares do not fit)."""
+    """The run's GPU plan and determinism setting, applied; call before any JAX computation (ConfigError when the
+    shares do not fit, DeterminismError when determinism comes too late)."""
+    prepare_determinism(run)
     count = count_gpus(os.environ) if run.sampler.devices is not None else None
     plan = gpu_plan(run.sampler, os.environ, count)
     applied = apply_gpu_plan(plan)
@@ -306,6 +326,44 @@ def _devices() -> tuple[str, list[dict[str, Any]]]:
 
 # ----- what a config needs -----
 
+def determinism_report(environ: Mapping[str, str], wanted: bool | None = None,
+                       batch_invariant: bool | None = None) -> dict[str, Any]:
+    """The determinism setting (pure): the XLA flag and vLLM's batch-invariant variable as the environment has
+    them, whether JAXRL_FP16_DETERMINISTIC is on, and what the config asks (`wanted`: debug.deterministic, None
+    without a config) and whether the installed vLLM has the batch-invariant mode (None: no vllm)."""
+    from jaxrl_fp16._xla_flags import DETERMINISTIC_ENV, DETERMINISTIC_FLAG, deterministic, flag_value
+    from jaxrl_fp16.sampling.vllm_sampler import BATCH_INVARIANT_ENV
+
+    return {"config": wanted, DETERMINISTIC_ENV: deterministic(environ),
+            "xla_flag": flag_value(environ.get("XLA_FLAGS", ""), DETERMINISTIC_FLAG),
+            BATCH_INVARIANT_ENV: environ.get(BATCH_INVARIANT_ENV), "vllm_batch_invariant_mode": batch_invariant}
+
+
+def determinism_problems(wanted: bool, sampler: str, vllm_version: str | None,
+                         batch_invariant: bool | None) -> list[str]:
+    """What stands in the way of a deterministic run (pure): a vLLM engine whose vLLM has no batch-invariant mode."""
+    from jaxrl_fp16.sampling.vllm_sampler import BATCH_INVARIANT_ENV
+
+    if wanted and sampler == "vllm" and vllm_version is not None and batch_invariant is False:
+        return [f"debug.deterministic=true but the installed vLLM {vllm_version} has no batch-invariant mode "
+                f"({BATCH_INVARIANT_ENV} is not declared in its envs.py)"]
+    return []
+
+
+def _format_determinism(d: Mapping[str, Any]) -> str:
+    from jaxrl_fp16._xla_flags import DETERMINISTIC_ENV, DETERMINISTIC_FLAG
+    from jaxrl_fp16.sampling.vllm_sampler import BATCH_INVARIANT_ENV
+
+    if d["config"] or d[DETERMINISTIC_ENV]:
+        state = f"on ({'debug.deterministic=true' if d['config'] else DETERMINISTIC_ENV + '=1'})"
+    else:
+        state = "off (debug.deterministic=false)" if d["config"] is False else "off"
+    mode = {None: "vllm not installed", True: "available", False: "MISSING"}[d["vllm_batch_invariant_mode"]]
+    return (f"GPU determinism: {state}; XLA {DETERMINISTIC_FLAG}="
+            f"{d['xla_flag'] or 'unset'}; vLLM {BATCH_INVARIANT_ENV}={d[BATCH_INVARIANT_ENV] or 'unset'} "
+            f"(batch-invariant mode: {mode})")
+
+
 def requirement_problems(sampler: str, versions: Mapping[str, str | None], push_present: bool | None,
                          backend: str) -> list[str]:
     """What is missing for a run with `sampler` on this host, one line each (empty: nothing); pure.
@@ -364,18 +422,20 @@ def diagnose(config: str | None = None, overrides: Sequence[str] = (),
 
     Starts JAX's backend (to list the devices); a bad config raises ConfigError."""
     from jaxrl_fp16.config import load_config
-    from jaxrl_fp16.sampling.vllm_sampler import push_api
+    from jaxrl_fp16.sampling.vllm_sampler import batch_invariant_support, push_api
 
     environ = os.environ if environ is None else environ
     run = load_config(config, overrides) if config is not None or overrides else None
     backend, devices = _devices()
     versions = package_versions()
     api = push_api() if versions.get("vllm") is not None else None
+    invariant = batch_invariant_support() if versions.get("vllm") is not None else None
     report: dict[str, Any] = {
         "backend": backend, "devices": devices, "host_memory": _host_memory(), "versions": versions,
         "vllm_push_api": None if api is None else {"present": api.present, "detail": api.describe()},
         "environment": {k: environ[k] for k in (JAX_FRACTION_ENV, PREALLOCATE_ENV, "CUDA_VISIBLE_DEVICES",
                                                 "VLLM_WORKER_MULTIPROC_METHOD") if k in environ},
+        "determinism": determinism_report(environ, None if run is None else run.debug.deterministic, invariant),
     }
     problems: list[str] = []
     if run is None:
@@ -383,6 +443,7 @@ def diagnose(config: str | None = None, overrides: Sequence[str] = (),
     report["config"] = {"path": config, "overrides": list(overrides), "sampler": run.sampler.name,
                         "precision": run.precision}
     problems += requirement_problems(run.sampler.name, versions, None if api is None else api.present, backend)
+    problems += determinism_problems(run.debug.deterministic, run.sampler.name, versions.get("vllm"), invariant)
     try:
         plan = gpu_plan(run.sampler, environ, count_gpus(environ) if run.sampler.devices is not None else None)
     except ConfigError as e:
@@ -444,6 +505,8 @@ def format_report(report: Mapping[str, Any], problems: Sequence[str]) -> str:
     api = report.get("vllm_push_api")
     lines.append("vLLM weight push: " + ("- (vllm not installed)" if api is None else
                                          f"{'present' if api['present'] else 'MISSING'}: {api['detail']}"))
+    if report.get("determinism"):
+        lines.append(_format_determinism(report["determinism"]))
     if report.get("environment"):
         lines.append("environment: " + ", ".join(f"{k}={v}" for k, v in report["environment"].items()))
     if "config" in report:

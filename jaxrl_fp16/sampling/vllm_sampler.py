@@ -35,6 +35,14 @@ weight reloading, reported from 0.16 on (`MIN_VLLM_VERSION`; not run here). Test
 (`TESTED_VLLM_VERSION`). A build refuses an older vLLM (`check_vllm_version`), and an installed vLLM whose model
 runner's `reload_weights` lacks those arguments (`push_api`, read from the installed source without importing vllm,
 so `jaxrl-fp16 doctor` can use it too).
+
+Determinism. With GPU determinism on (`debug.deterministic=true`, which sets JAXRL_FP16_DETERMINISTIC=1) a CUDA
+engine is built with VLLM_BATCH_INVARIANT=1 (unless the user set it): vLLM's batch-invariant kernels, whose
+results do not depend on the batch a request lands in. The variable came with vLLM's batch-invariance work (late
+2025; earlier builds called it VLLM_KERNEL_OVERRIDE_BATCH_INVARIANT) and vLLM 0.32 has it; whether the installed
+vLLM has it is read from its `envs.py` (`batch_invariant_support`), and a build without it is refused, naming its
+version. On a CPU the variable is not set: vLLM's batch-invariant mode is for GPUs (it replaces torch's matmuls with
+Triton kernels), and vLLM's CPU engine runs one batch the same way every time.
 """
 
 from __future__ import annotations
@@ -69,7 +77,7 @@ from jaxrl_fp16.sharding import host_streamed, stream_hf_weights
 
 __all__ = ["VLLMSampler", "torch_weights", "row_seed", "MIN_VLLM_VERSION", "TESTED_VLLM_VERSION",
            "VLLMVersionError", "check_vllm_version", "installed_vllm", "reload_weights_parameters", "PushAPI",
-           "push_api", "sampled_logprobs", "engine_environment"]
+           "push_api", "sampled_logprobs", "engine_environment", "BATCH_INVARIANT_ENV", "batch_invariant_support"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +87,8 @@ _LOGPROBS_MODE = "processed_logprobs"
 _ENV_MULTIPROC = "VLLM_ENABLE_V1_MULTIPROCESSING"
 _ENV_CPU_KV = "VLLM_CPU_KVCACHE_SPACE"
 _ENV_WORKER_METHOD = "VLLM_WORKER_MULTIPROC_METHOD"
+BATCH_INVARIANT_ENV = "VLLM_BATCH_INVARIANT"
+_ENVS_SOURCE = "envs.py"  # where vLLM declares its environment variables, inside the vllm package
 
 MIN_VLLM_VERSION = "0.16"
 TESTED_VLLM_VERSION = "0.32"
@@ -185,14 +195,44 @@ def push_api(package_dir: str | None = None) -> PushAPI:
     return PushAPI(source=path, parameters=_parameters_in(path, os.path.getmtime(path)))
 
 
-def _check_installed_vllm(version: str) -> None:
-    """Before an engine is built: the version floor, then the push API in the installed source."""
+def _vllm_package_dir() -> str | None:
+    spec = importlib.util.find_spec("vllm")  # a top-level spec: vllm itself is not imported
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+def batch_invariant_support(package_dir: str | None = None) -> bool | None:
+    """Whether the installed vLLM has the batch-invariant mode: its `envs.py` declares VLLM_BATCH_INVARIANT
+    (read as text, vllm is not imported); None when vllm is not installed.
+
+    Args:
+      package_dir: the `vllm` package folder; default: the one Python would import.
+    """
+    package_dir = _vllm_package_dir() if package_dir is None else package_dir
+    if package_dir is None:
+        return None
+    path = os.path.join(package_dir, _ENVS_SOURCE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f'"{BATCH_INVARIANT_ENV}"' in f.read()
+    except OSError:
+        return False
+
+
+def _check_installed_vllm(version: str, *, batch_invariant: bool = False) -> None:
+    """Before an engine is built: the version floor, the push API in the installed source and, when the engine
+    is to be batch-invariant, VLLM_BATCH_INVARIANT in it."""
     check_vllm_version(version)
     api = push_api()
     if not api.present:
         raise VLLMVersionError(f"the installed vLLM {version} has no usable weight push: {api.describe()}; the "
                                f"vLLM sampler needs reload_weights({', '.join(PUSH_ARGUMENTS)}) (vllm >= "
                                f"{MIN_VLLM_VERSION})")
+    if batch_invariant and not batch_invariant_support():
+        raise VLLMVersionError(f"debug.deterministic=true needs vLLM's batch-invariant mode ({BATCH_INVARIANT_ENV}), "
+                               f"which the installed vLLM {version} does not declare in its {_ENVS_SOURCE} (vLLM "
+                               f"{TESTED_VLLM_VERSION} has it): upgrade vLLM, or turn debug.deterministic off")
 
 
 def engine_environment(environ: Mapping[str, str], *, tensor_parallel_size: int = 1,
@@ -200,8 +240,13 @@ def engine_environment(environ: Mapping[str, str], *, tensor_parallel_size: int 
     """(the variables to set, whether the engine runs in this process); pure. Only variables the user has not set:
     the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0); for an engine with worker processes
     (tensor or pipeline parallelism, or the user's multiprocessing), VLLM_WORKER_MULTIPROC_METHOD=spawn, since
-    forking a process whose JAX already holds CUDA is unsafe; on a CPU, a 1 GiB KV cache."""
+    forking a process whose JAX already holds CUDA is unsafe; on a CPU, a 1 GiB KV cache; on a GPU with
+    determinism on (JAXRL_FP16_DETERMINISTIC), VLLM_BATCH_INVARIANT=1."""
+    from jaxrl_fp16._xla_flags import deterministic
+
     defaults = {} if _ENV_MULTIPROC in environ else {_ENV_MULTIPROC: "0"}
+    if cuda and deterministic(environ) and BATCH_INVARIANT_ENV not in environ:
+        defaults[BATCH_INVARIANT_ENV] = "1"
     in_process = ({**environ, **defaults}[_ENV_MULTIPROC] == "0" and tensor_parallel_size == 1
                   and pipeline_parallel_size == 1)
     if not in_process and _ENV_WORKER_METHOD not in environ:
@@ -399,7 +444,10 @@ class VLLMSampler(BaseSampler):
         os.environ.update(defaults)
         import vllm
 
-        _check_installed_vllm(vllm.__version__)
+        batch_invariant = os.environ.get(BATCH_INVARIANT_ENV, "0") not in ("", "0")
+        _check_installed_vllm(vllm.__version__, batch_invariant=batch_invariant)
+        if batch_invariant:
+            logger.info("vLLM sampler: batch-invariant mode (%s=1)", BATCH_INVARIANT_ENV)
         _check_cpu_head_dim(self.cfg)
         from vllm.platforms import current_platform
 
