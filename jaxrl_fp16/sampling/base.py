@@ -40,6 +40,10 @@ class SamplingSettings:
     `logprobs=False` asks for tokens only (e.g. pass rates): the rollout's `logprobs` are then all 0 and its
     `has_logprobs` is False; an engine that computes them anyway (JAX, transformers) drops them, vLLM does not
     compute them. The sampled tokens are the same either way.
+
+    `first_row`: the global index of the call's first row. Row r of a call draws the random stream of global row
+    `first_row + r` under `seed`, so processes that each sample a block of one batch's rows (their first row as
+    offset) sample exactly what one call over the whole batch samples.
     """
 
     max_new_tokens: int
@@ -51,6 +55,7 @@ class SamplingSettings:
     ignore_eos: bool = False
     seed: int = 0
     logprobs: bool = True
+    first_row: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -64,6 +69,8 @@ class SamplingSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.first_row < 0:
+            raise ValueError(f"first_row must be >= 0, got {self.first_row}")
 
 
 @dataclasses.dataclass(kw_only=True)

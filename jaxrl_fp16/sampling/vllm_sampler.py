@@ -7,15 +7,22 @@ them.
 The engine runs in this process (vLLM's V1 engine core in-process, `VLLM_ENABLE_V1_MULTIPROCESSING=0` unless the
 user set it), so a weight push passes torch tensors to the model directly:
 
-    params (FP32 Flax tree) --cast to the engine dtype--> (HF name, torch tensor (out, in)) one at a time
-        --> collective_rpc("reload_weights", weights_iterator=..., is_checkpoint_format=True)
+    params (FP32 Flax tree) --cast to the engine dtype, transposed (XLA)--> (HF name, torch tensor (out, in))
+        --> copied in place into the engine's parameter slices (`vllm_weights.DirectPlan`), and for the layers
+            whose loaded weights vLLM processes: collective_rpc("reload_weights", weights_iterator=...,
+            is_checkpoint_format=True)
         --> reset_prefix_cache()   (cached KV blocks were computed with the old weights)
 
-On a CUDA host with JAX on the GPU the tensors are cast and transposed in JAX and handed over with DLPack, with
-no host round trip; elsewhere they go through numpy. A multi-process engine (tensor parallelism, or the user's
+The tensors are cast and transposed by XLA, one layer's slice at a time, on the params' device: on a CUDA host
+with JAX on the GPU they are handed over with DLPack, with no host round trip; on the host XLA reads numpy or CPU
+arrays in place and torch shares its results (DLPack); params sharded over several devices go through numpy, a
+layer at a time (`sharding.stream_hf_weights`). Every route gives numpy's bits. The first push of an engine goes
+through `reload_weights` and checks the in-place plan against what vLLM loaded, bit for bit; later pushes write in
+place (`weight_push="reload"` turns this off). A multi-process engine (tensor parallelism, or the user's
 `VLLM_ENABLE_V1_MULTIPROCESSING=1`) cannot take tensors through an RPC: its push writes a checkpoint folder and
 asks the workers to reload from it. On vLLM's CPU backend a tied LM head is repacked after each push (see
-`_repack_tied_lm_head`): without that, FP32/BF16 engines keep sampling from the old head.
+`_repack_tied_lm_head`, and `DirectPlan.repack` in place): without that, FP32/BF16 engines keep sampling from the
+old head.
 
 Log-probs. The engine is built with `logprobs_mode="processed_logprobs"`: the log-prob vLLM reports for a
 sampled token is log-softmax of the logits after temperature, top-k and top-p (the renormalised distribution the
@@ -59,21 +66,23 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Iterator, Mapping
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_fp16 import torch_bridge
 from jaxrl_fp16.models.config import ModelConfig
 from jaxrl_fp16.models.hf import save_hf_params
-from jaxrl_fp16.models.hf_table import hf_dtype, iter_hf_tensors
+from jaxrl_fp16.models.hf_table import hf_dtype, hf_entries, hf_shape, iter_hf_tensors
 from jaxrl_fp16.precision import as_dtype, dtype_name
 from jaxrl_fp16.sampling.base import (FINISH_LENGTH, FINISH_STOP, BaseSampler, Rollout, SamplingSettings,
                                       validate_prompts)
 from jaxrl_fp16.sampling.options import engine_memory_utilization
 from jaxrl_fp16.sharding import host_streamed, stream_hf_weights
+
+if TYPE_CHECKING:
+    from jaxrl_fp16.sampling.vllm_weights import DirectPlan
 
 __all__ = ["VLLMSampler", "torch_weights", "row_seed", "MIN_VLLM_VERSION", "TESTED_VLLM_VERSION",
            "VLLMVersionError", "check_vllm_version", "installed_vllm", "reload_weights_parameters", "PushAPI",
@@ -88,6 +97,11 @@ _ENV_MULTIPROC = "VLLM_ENABLE_V1_MULTIPROCESSING"
 _ENV_CPU_KV = "VLLM_CPU_KVCACHE_SPACE"
 _ENV_WORKER_METHOD = "VLLM_WORKER_MULTIPROC_METHOD"
 BATCH_INVARIANT_ENV = "VLLM_BATCH_INVARIANT"
+_WEIGHT_PUSH = ("auto", "reload")
+_EMBEDDING = "model.embed_tokens.weight"  # what a tied LM head shares
+# vLLM's loggers that comment on a partial reload (see _DropPartialReloadNotes)
+_RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
+                   "vllm.model_executor.model_loader.reload.inplace")
 _ENVS_SOURCE = "envs.py"  # where vLLM declares its environment variables, inside the vllm package
 
 MIN_VLLM_VERSION = "0.16"
@@ -283,10 +297,59 @@ def row_seed(seed: int, row: int) -> int:
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(row)]).generate_state(1, np.uint32)[0])
 
 
-def _dlpack_tensor(dtype: np.dtype):
-    """A per-tensor converter for `iter_hf_tensors`: cast (and transpose) in JAX, hand over by DLPack (no host copy
-    when the arrays live on an accelerator)."""
-    return lambda x: torch_bridge.jax_to_torch(jnp.asarray(x).astype(dtype))
+@functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
+def _hf_layout(x: jax.Array, *, transpose: bool, dtype: np.dtype) -> jax.Array:
+    """One HF tensor from one Flax leaf or a layer's slice of it: (out, in) where `transpose`, cast to `dtype`
+    (round to nearest even, bit-identical to numpy's cast)."""
+    return (x.T if transpose else x).astype(dtype)
+
+
+class _XlaLeaf:
+    """A Flax leaf as `iter_hf_tensors` sees it on the XLA route: `leaf[i]` takes layer i's slice, `.T` is only
+    noted; `_xla_tensor` then transposes and casts in one jitted call.
+
+    The slice is taken on its own: XLA:CPU transposes a whole operand with a tiled kernel, but a slice fused with
+    the transpose into a slow element loop (6-10x slower on a 640 x 2048 layer). Host arrays (numpy, or JAX arrays
+    on the CPU, seen through numpy without a copy) are sliced as numpy views, which XLA reads in place; arrays on
+    an accelerator are sliced by JAX on their device."""
+
+    __slots__ = ("array", "transposed")
+
+    def __init__(self, array: Any, transposed: bool = False):
+        if isinstance(array, jax.Array) and all(d.platform == "cpu" for d in array.devices()):
+            array = np.asarray(array)  # a view of the CPU buffer
+        self.array, self.transposed = array, transposed
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = tuple(self.array.shape)
+        return shape[::-1] if self.transposed else shape
+
+    def __getitem__(self, layer: int) -> "_XlaLeaf":
+        return _XlaLeaf(self.array[layer], self.transposed)
+
+    @property
+    def T(self) -> "_XlaLeaf":
+        return _XlaLeaf(self.array, not self.transposed)
+
+
+def _xla_tensor(leaf: _XlaLeaf, *, dtype: np.dtype, on_device: bool) -> Any:
+    """The torch tensor of one HF tensor, cast and transposed by XLA: handed over by DLPack where the result lives
+    (`on_device`, or the host CPU device), else copied to the host."""
+    if isinstance(leaf.array, np.ndarray):
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            out = _hf_layout(leaf.array, transpose=leaf.transposed, dtype=dtype)
+    else:
+        out = _hf_layout(leaf.array, transpose=leaf.transposed, dtype=dtype)
+    if on_device or all(d.platform == "cpu" for d in out.devices()):
+        return torch_bridge.jax_to_torch(out)
+    return torch_bridge.numpy_to_torch(np.asarray(out))
+
+
+def _on_single_devices(params: Mapping) -> bool:
+    """Every leaf is a numpy array or a JAX array on one device (not sharded over several)."""
+    return all(isinstance(x, np.ndarray) or (isinstance(x, jax.Array) and len(x.devices()) == 1)
+               for x in jax.tree_util.tree_leaves(params))
 
 
 def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: bool = False
@@ -297,19 +360,21 @@ def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: 
       params: the Flax parameter tree (FP32 master params; jax or numpy arrays).
       cfg: its model config.
       dtype: the engine dtype (casts round to nearest even).
-      via_dlpack: cast and transpose in JAX and hand the result to torch with DLPack (the tensors stay on the
-        arrays' device; one layer's slice at a time, so at most one extra tensor is alive); otherwise go through
-        numpy on the host (`sharding.stream_hf_weights`: one tensor, one layer's slice of the stacked arrays,
-        gathered from the devices' shards at a time, so params sharded over many devices are never unsharded on
-        any device).
+      via_dlpack: hand the tensors over on the arrays' device (an accelerator) by DLPack, with no host copy.
+        Otherwise they are handed over on the host: cast and transposed by XLA on each array's device (the host
+        CPU device for numpy arrays), one layer's slice at a time, and shared with torch by DLPack on the CPU;
+        params sharded over several devices go through `sharding.stream_hf_weights` (numpy, one layer's slice
+        gathered from the shards at a time, so no device ever holds an unsharded copy). All routes give the same
+        bits.
 
     Returns:
       An iterator in checkpoint order (`iter_hf_tensors`). The tree and its shapes are checked here, before it is
       returned: an error in the middle of a weight push would leave the engine half loaded.
     """
     dt = hf_dtype(as_dtype(dtype))
-    if via_dlpack:
-        return iter_hf_tensors(params, cfg, _dlpack_tensor(dt))
+    if via_dlpack or _on_single_devices(params):
+        leaves = jax.tree_util.tree_map(_XlaLeaf, params)
+        return iter_hf_tensors(leaves, cfg, functools.partial(_xla_tensor, dtype=dt, on_device=via_dlpack))
     return ((name, torch_bridge.numpy_to_torch(array)) for name, array in stream_hf_weights(params, cfg, dt))
 
 
@@ -368,6 +433,25 @@ def _has_flat_logprobs() -> bool:
     return "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ())
 
 
+class _DropPartialReloadNotes(logging.Filter):
+    """A partial `reload_weights` warns about every layer it was given nothing for: the direct push wrote those."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.endswith("Failed to load weights") or
+                    message.startswith("Following weights were not loaded"))
+
+
+def _log_plan(plan: "DirectPlan", total: int) -> None:
+    if not plan.direct:
+        logger.info("vLLM sampler: no engine tensor can be written in place; every push uses reload_weights")
+    elif plan.reload:
+        logger.info("vLLM sampler: direct weight push plans %d of %d tensors in place; %d through reload_weights",
+                    len(plan.writes), total, len(plan.reload))
+    for reason in plan.reasons:
+        logger.info("vLLM sampler: direct push: %s", reason)
+
+
 class _DropChatWarmupFailure(logging.Filter):
     """vLLM warms a chat template up even without a tokenizer and logs the failure with a traceback."""
 
@@ -390,7 +474,8 @@ class VLLMSampler(BaseSampler):
 
     def __init__(self, model_dir: str | os.PathLike, *, dtype: Any, max_model_len: int | None = None, seed: int = 0,
                  gpu_memory_utilization: float | None = None, tensor_parallel_size: int = 1,
-                 enforce_eager: bool | None = None, devices: Sequence[int] | None = None, **engine_kwargs: Any):
+                 enforce_eager: bool | None = None, devices: Sequence[int] | None = None, weight_push: str = "auto",
+                 **engine_kwargs: Any):
         """Builds the engine (`create_sampler` checks `dtype` against the trainer's first).
 
         Args:
@@ -411,6 +496,10 @@ class VLLMSampler(BaseSampler):
           devices: the engine's own GPUs, as ordinals of the visible devices (vLLM's `device_ids`, vLLM >= the
             version that has it); None: vLLM's default, the first `tensor_parallel_size` visible GPUs. Ignored on
             a CPU.
+          weight_push: "auto": an in-process engine's pushes write the tensors that its layers use as loaded
+            straight into its parameters and reload the others (`vllm_weights`; checked against `reload_weights`
+            on the first push); "reload": every push goes through vLLM's `reload_weights`. A multi-process engine
+            always reloads. Also reachable as `VLLMOptions(engine_kwargs={"weight_push": ...})`.
           **engine_kwargs: passed to `vllm.LLM` (e.g. enable_prefix_caching, max_num_seqs); None values are
             dropped (vLLM's defaults). `logprobs_mode` is fixed to "processed_logprobs"; `skip_tokenizer_init`
             defaults to True and `generation_config` to "vllm" (sampling follows `SamplingSettings` alone, not
@@ -420,6 +509,11 @@ class VLLMSampler(BaseSampler):
           VLLMVersionError: the installed vLLM is older than MIN_VLLM_VERSION or has no weight-push API.
         """
         self._llm = None
+        self._plan = None
+        if weight_push not in _WEIGHT_PUSH:
+            raise ValueError(f"weight_push={weight_push!r}; valid: {', '.join(_WEIGHT_PUSH)}")
+        self.weight_push = weight_push
+        self.last_push_mode: str | None = None
         self.compute_dtype = as_dtype(dtype)
         mode = engine_kwargs.pop("logprobs_mode", _LOGPROBS_MODE)
         if mode != _LOGPROBS_MODE:
@@ -486,31 +580,103 @@ class VLLMSampler(BaseSampler):
     # ----- weights -----
 
     def _push(self, params: Any) -> None:
-        """Loads the trainer's FP32 params into the engine, cast to the engine dtype, then drops cached KV."""
+        """Loads the trainer's FP32 params into the engine, cast to the engine dtype, then drops cached KV.
+
+        In-process with `weight_push="auto"`: the first push (and the first after the engine replaced a tensor)
+        goes through `reload_weights` and checks the direct plan against what it loaded; later pushes write the
+        planned tensors in place and reload the rest (see `vllm_weights`). Otherwise every push reloads."""
         llm = self._llm
         repack_head = self._device_type == "cpu" and self.cfg.tie_word_embeddings
         if repack_head and not self._in_process and os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") != "1":
             raise RuntimeError("a weight push into a multi-process CPU engine of a tied-embedding model must "
                                "also repack the LM head in the workers, which needs "
                                "VLLM_ALLOW_INSECURE_SERIALIZATION=1 (or use the in-process engine)")
+        head_reloaded = True
         if self._in_process:
             via_dlpack = self._device_type == "cuda" and _params_on_accelerator(params)
             weights = torch_weights(params, self.cfg, self.compute_dtype, via_dlpack=via_dlpack)
-            llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+            plan = self._direct_plan() if self.weight_push == "auto" else None
+            if plan is not None and plan.verified:
+                self._push_direct(plan, weights)
+                head_reloaded = _EMBEDDING in plan.reload
+            else:
+                llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
+                                                             "is_checkpoint_format": True})
+                self.last_push_mode = "reload"
+                if plan is not None:
+                    self._verify(plan, torch_weights(params, self.cfg, self.compute_dtype, via_dlpack=via_dlpack))
         else:
             with tempfile.TemporaryDirectory(prefix="vllm-push-") as tmp:
                 folder = save_hf_params(host_streamed(params), self.cfg, os.path.join(tmp, "weights"),
                                         dtype=_VLLM_DTYPES[dtype_name(self.compute_dtype)])
                 llm.collective_rpc("reload_weights", kwargs={"weights_path": folder, "is_checkpoint_format": True})
-        if repack_head:
+            self.last_push_mode = "reload"
+        if repack_head and head_reloaded:
             llm.apply_model(_repack_tied_lm_head)
         if llm.reset_prefix_cache() is False:  # KV blocks of the old weights would be reused
             raise RuntimeError("vLLM could not reset its prefix cache after the weight push")
 
+    def _direct_plan(self) -> "DirectPlan | None":
+        """The engine's direct-write plan, built (unverified) on first use and again when the engine no longer
+        holds the tensors it writes into; None when nothing can be written directly."""
+        plan = self._plan
+        if plan is not None and not plan.current():
+            logger.info("vLLM sampler: the engine replaced parameter tensors; planning the direct push again")
+            plan = None
+        if plan is None:
+            from jaxrl_fp16.sampling.vllm_weights import plan_direct_writes
+
+            shapes = {name: hf_shape(row, self.cfg) for name, row, _ in hf_entries(self.cfg)}
+            dtype = _VLLM_DTYPES[dtype_name(self.compute_dtype)]
+            plan = self._plan = self._llm.apply_model(lambda model: plan_direct_writes(model, shapes, dtype))[0]
+            _log_plan(plan, len(shapes))
+        return plan if plan.direct else None
+
+    def _verify(self, plan: "DirectPlan", weights: Iterator[tuple[str, Any]]) -> None:
+        """After a reload push: checks the plan against what vLLM loaded (bit for bit)."""
+        bad = plan.verify(weights)
+        if bad:
+            logger.warning("vLLM sampler: the direct push would differ from reload_weights for %s; those modules "
+                           "are reloaded", bad)
+        logger.info("vLLM sampler: direct weight push checked against reload_weights: %d tensors written in "
+                    "place, %d reloaded", len(plan.writes), len(plan.reload))
+
+    def _push_direct(self, plan: "DirectPlan", weights: Iterator[tuple[str, Any]]) -> None:
+        """Writes the planned tensors in place; the rest go through one `reload_weights` call, in the same pass."""
+        if not plan.reload:
+            for name, tensor in weights:
+                plan.write(name, tensor)
+            self.last_push_mode = "direct"
+        else:
+            def reloaded() -> Iterator[tuple[str, Any]]:
+                for name, tensor in weights:
+                    if name in plan.reload:
+                        yield name, tensor
+                    else:
+                        plan.write(name, tensor)
+
+            stream = reloaded()
+            quiet = _DropPartialReloadNotes()
+            loggers = [logging.getLogger(n) for n in _RELOAD_LOGGERS]
+            for log in loggers:
+                log.addFilter(quiet)
+            try:
+                self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream,
+                                                                   "is_checkpoint_format": True})
+            finally:
+                for log in loggers:
+                    log.removeFilter(quiet)
+            left = [name for name, _ in stream]
+            if left:
+                raise RuntimeError(f"vLLM's reload_weights stopped before the tensors {left}")
+            self.last_push_mode = "direct+reload"
+        plan.finish()
+
     # ----- sampling -----
 
     def _sample(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Rollout:
-        """One vLLM request per row, seeded with `row_seed(settings.seed, row)`, so a seed gives the same rollout.
+        """One vLLM request per row, seeded with `row_seed(settings.seed, settings.first_row + row)`, so a seed
+        gives the same rollout (and a block of rows sampled on its own, the same rows).
 
         Log-probs are asked for (`logprobs=0`: the sampled token's) only when `settings.logprobs`, in the flat
         form where this vLLM has it."""
@@ -532,7 +698,8 @@ class VLLMSampler(BaseSampler):
         params = [SamplingParams(n=1, temperature=settings.temperature, top_p=settings.top_p,
                                  top_k=settings.top_k if settings.top_k > 0 else -1,
                                  max_tokens=settings.max_new_tokens, stop_token_ids=stop_ids,
-                                 ignore_eos=settings.ignore_eos, seed=row_seed(settings.seed, r),
+                                 ignore_eos=settings.ignore_eos,
+                                 seed=row_seed(settings.seed, settings.first_row + r),
                                  detokenize=False, **logprobs)
                   for r in range(len(rows))]
         outputs = self._llm.generate([{"prompt_token_ids": p} for _, p in rows], params, use_tqdm=False)

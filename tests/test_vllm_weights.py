@@ -1,0 +1,44 @@
+"""The direct-write plan's layout rules (pure: no engine), against vLLM's weight loaders' conventions."""
+
+import pytest
+
+from jaxrl_fp16.sampling.vllm_weights import LayerLayout, Slot, _close_over_modules, packed_shards, slot_for
+
+
+def test_packed_shards_invert_the_packed_modules_mapping_in_order():
+    shards = packed_shards({"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]})
+    assert shards == {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+                      "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def test_qkv_shards_follow_q_k_v_and_replicated_kv_heads():
+    # 8 query heads, 2 KV heads of size 16 over tp=4: 2 query heads and 1 KV head (replicated twice) per rank
+    layout = LayerLayout(kind="qkv", tp_rank=3, tp_size=4, shard_sizes=(32, 16, 16), shard_ranks=(3, 1, 1))
+    assert slot_for(layout, "weight", 0) == Slot(rows=(0, 32), src_dim=0, src_range=(96, 128))
+    assert slot_for(layout, "weight", 1) == Slot(rows=(32, 48), src_dim=0, src_range=(16, 32))
+    assert slot_for(layout, "bias", 2) == Slot(rows=(48, 64), src_dim=0, src_range=(16, 32))
+    with pytest.raises(ValueError, match="shards 0..2"):
+        slot_for(layout, "weight", 3)
+
+
+def test_merged_row_column_and_vocab_slots():
+    merged = LayerLayout(kind="merged", tp_rank=1, tp_size=2, shard_sizes=(64, 64), shard_ranks=(1, 1))
+    assert slot_for(merged, "weight", 1) == Slot(rows=(64, 128), src_dim=0, src_range=(64, 128))
+    row = LayerLayout(kind="row", tp_rank=1, tp_size=2, part=32)
+    assert slot_for(row, "weight", None) == Slot(src_dim=1, src_range=(32, 64))
+    assert slot_for(row, "bias", None) == Slot()  # a row-parallel bias is loaded whole on every rank
+    assert slot_for(LayerLayout(kind="row"), "weight", None) == Slot()  # tp=1: whole
+    column = LayerLayout(kind="column", tp_rank=1, tp_size=2, part=40)
+    assert slot_for(column, "bias", None) == Slot(src_dim=0, src_range=(40, 80))
+    vocab = LayerLayout(kind="vocab", vocab=(0, 100))  # the padding rows past 100 are not written
+    assert slot_for(vocab, "weight", None) == Slot(rows=(0, 100), src_dim=0, src_range=(0, 100))
+    with pytest.raises(ValueError, match="not fused"):
+        slot_for(LayerLayout(kind="plain"), "weight", 0)
+
+
+def test_a_reloaded_name_takes_its_module_and_tied_modules_along():
+    modules_of = {"embed": ("embed_tokens", "lm_head"), "head_bias": ("lm_head",), "q": ("qkv",), "k": ("qkv",),
+                  "norm": ("norm",)}
+    assert _close_over_modules({"head_bias"}, modules_of) == {"head_bias", "embed"}
+    assert _close_over_modules({"k"}, modules_of) == {"k", "q"}
+    assert _close_over_modules(set(), modules_of) == frozenset()
