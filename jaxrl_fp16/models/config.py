@@ -61,6 +61,9 @@ class Numerics:
     with `jaxrl_fp16.emulation.round_to_format` to that format (e.g. "e5m10" = float16, "e8m7" = bfloat16,
     "e4m3fn" = OCP FP8, "e8m3"); ops the flags above force to FP32 are not rounded. Normalised to the
     format's canonical name ("float16" -> "e5m10"). None (the default) leaves the compiled code untouched.
+
+    `scale_q` (default off, transformers' eager order) is not an op class: it reorders dense attention's scaling.
+    Blockwise and cuDNN attention keep scores in FP32 whatever the flags (`jaxrl_fp16.models.attention`).
     """
 
     norm_f32: bool = True  # RMSNorm mean-square and normalisation (then cast back, then * weight)
@@ -69,6 +72,9 @@ class Numerics:
     lm_head_f32: bool = False  # final projection to the vocabulary in FP32
     rope_f32: bool = False  # apply the rotary embedding in FP32 (cos/sin are always computed in FP32)
     residual_f32: bool = False  # keep the residual stream in FP32
+    # Dense attention: scale q by D^-0.5 before q.k^T instead of scaling the product, so the unscaled q.k^T
+    # (up to sqrt(D) times larger) is never rounded to the compute dtype, where it can overflow FP16.
+    scale_q: bool = False
     emulate: str | None = None  # emulated float format ("e5m10", "e4m3fn", ...); needs compute dtype float32
 
     def __post_init__(self):

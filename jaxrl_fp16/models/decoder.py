@@ -8,8 +8,10 @@ Parameters are FP32 master arrays (layers stacked on a leading axis, `nn.scan`);
 parameters to `dtype` (the policy's compute dtype), so a caller may pass FP32 params or params already cast
 with `Policy.cast_to_compute` and get identical results. Which sensitive steps run in FP32 is set by `Numerics`.
 
-Attention is written out (no fused kernel) so that its precision is explicit: scores = q.k^T * scale
-(in `dtype`, or FP32), masked where a key is padding or in the future, softmax (FP32 by default), probs.v.
+Attention (`jaxrl_fp16.models.attention`) is by default written out (no fused kernel) so that its precision is
+explicit: scores = q.k^T * scale (in `dtype`, or FP32), masked where a key is padding or in the future, softmax
+(FP32 by default), probs.v. Long sequences use blockwise (online-softmax) attention, GPUs cuDNN's fused kernel;
+each layer may be rematerialised in the backward (`CausalLM.attention`, `CausalLM.remat`).
 
 Emulated formats (`Numerics.emulate`, compute dtype float32): each op computes in FP32 and its output, like each
 weight, is rounded with `round_to_format` where the real dtype would round it (an `Arith` says how an op class
@@ -31,9 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_fp16.emulation import FloatFormat, round_to_format
+from jaxrl_fp16.models import attention as attn
+from jaxrl_fp16.models.attention import softmax  # noqa: F401  (the emulated softmax; lives with the attention)
 from jaxrl_fp16.models.config import ModelConfig, Numerics
 
-__all__ = ["CausalLM", "KVCache", "init_cache"]
+__all__ = ["CausalLM", "KVCache", "init_cache", "causal_inputs", "valid_inputs", "token_logprobs"]
 
 Array = jax.Array
 
@@ -225,21 +229,20 @@ def _fan_out_bwd(n, fmt, _, cts):
 fan_out.defvjp(_fan_out_fwd, _fan_out_bwd)
 
 
-def softmax(x: Array, ar: Arith) -> Array:
-    """Softmax over the last axis; with emulation written out (as jax.nn.softmax) with each op rounded."""
-    if ar.fmt is None:
-        return jax.nn.softmax(x, axis=-1)
-    unnormalized = ar.out(jnp.exp(ar.out(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))))
-    return ar.out(ar.use(unnormalized) / ar.out(jnp.sum(ar.use(unnormalized), axis=-1, keepdims=True)))
-
-
 class Attention(nn.Module):
+    """Projections, q/k norms and RoPE, then one of `attention.ATTENTION_IMPLS` (the KV-cache path: dense).
+
+    `mask`: [B, T, S] for dense attention and with a cache; with blockwise or fused attention also the key
+    validity [B, T] (causal implied)."""
+
     cfg: ModelConfig
     dtype: Any
     numerics: Numerics
+    attention: str = "dense"
+    attention_block: int = 512
 
     @nn.compact
-    def __call__(self, x_BxTxH, cos_sin, mask_BxTxS, layer_cache):
+    def __call__(self, x_BxTxH, cos_sin, mask, layer_cache):
         cfg, num = self.cfg, self.numerics
         fmt = num.float_format
         B, T, _ = x_BxTxH.shape
@@ -264,14 +267,16 @@ class Attention(nn.Module):
             k_all, v_all, new_cache = k, v, None
 
         ar, sc = arith(self.dtype, fmt), arith(self.dtype, fmt, num.attn_scores_f32)
-        qg = sc.cast(ar.use(q.reshape(B, T, Nkv, cfg.num_groups, D)))
-        scores = sc.out(jnp.einsum("btkgd,bskd->bkgts", qg, sc.cast(ar.use(k_all)), precision=sc.precision))
-        scores = sc.out(scores * sc.const(D ** -0.5))
-        mask = mask_BxTxS[:, None, None, :, :]
-        soft = arith(self.dtype, fmt, True) if num.softmax_f32 else sc
-        scores = jnp.where(mask, soft.cast(sc.use(scores)), soft.lowest)
-        probs = sc.cast(softmax(scores, soft))
-        out = sc.out(jnp.einsum("bkgts,bskd->btkgd", probs, sc.cast(ar.use(v_all)), precision=sc.precision))
+        qg = q.reshape(B, T, Nkv, cfg.num_groups, D)
+        if layer_cache is not None or self.attention == "dense":
+            soft = arith(self.dtype, fmt, True) if num.softmax_f32 else sc
+            out = attn.dense_attention(qg, k_all, v_all, mask, ar=ar, sc=sc, soft=soft, scale_q=num.scale_q)
+        elif self.attention == "blockwise":
+            out = attn.blockwise_attention(qg, k, v, mask, block=self.attention_block,
+                                           f32_products=num.attn_scores_f32)
+        else:
+            impl = "cudnn" if self.attention == "cudnn" else "xla"
+            out = attn.fused_attention(qg, k, v, mask, implementation=impl)
         out = ar.cast(out.reshape(B, T, Nq * D))
         y = Dense(cfg.hidden_size, cfg.o_bias, self.dtype, fmt=fmt, name="o_proj")(out)
         return y, new_cache
@@ -302,6 +307,8 @@ class DecoderLayer(nn.Module):
     dtype: Any
     numerics: Numerics
     collect_hidden: bool = False
+    attention: str = "dense"  # a resolved implementation (`attention.ATTENTION_IMPLS`)
+    attention_block: int = 512
 
     @nn.compact
     def __call__(self, h, cos_sin, mask_BxTxS, index, layer_kv):
@@ -311,7 +318,8 @@ class DecoderLayer(nn.Module):
         norm = dict(fmt=fmt, input_f32=num.residual_f32)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, **norm, name="input_norm")(h)
         layer_cache = None if layer_kv is None else (layer_kv[0], layer_kv[1], index)
-        a, new_kv = Attention(cfg, self.dtype, num, name="attn")(x, cos_sin, mask_BxTxS, layer_cache)
+        a, new_kv = Attention(cfg, self.dtype, num, self.attention, self.attention_block, name="attn")(
+            x, cos_sin, mask_BxTxS, layer_cache)
         h = res.out(h + res.cast(arith(self.dtype, fmt).use(a)))
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, **norm, name="post_attn_norm")(h)
         h = res.out(h + res.cast(arith(self.dtype, fmt).use(MLP(cfg, self.dtype, fmt, name="mlp")(x))))
@@ -329,25 +337,49 @@ class CausalLM(nn.Module):
       unroll: layers per iteration of the layer loop (`nn.scan`'s unroll; True = all). The parameters are the
         same either way; unrolling the decode loop saves the per-layer slicing of the stacked weights and the
         loop's per-iteration overhead, which dominate one-token steps of small models.
+      attention: the training/scoring forward's attention ("auto", "dense", "blockwise", "cudnn"; "fused-xla"
+        checks the cuDNN wrapper on any backend), resolved at trace time by `attention.resolve_attention` for
+        the default backend, the key length, `dtype` and `numerics`. The KV-cache path is always dense.
+      attention_block: tokens per query/key block of blockwise attention.
+      remat: rematerialisation of each layer in the backward ("auto", "none", "full", "dots"; resolved by
+        `attention.resolve_remat`); the KV-cache path is never rematerialised.
     """
 
     cfg: ModelConfig
     dtype: Any = jnp.float32
     numerics: Numerics = Numerics()
     unroll: int | bool = 1
+    attention: str = "auto"
+    attention_block: int = 512
+    remat: str = "auto"
 
     def __post_init__(self):
         emulated_format(self.dtype, self.numerics)  # an emulated format needs dtype float32: fail when built
+        if self.attention != "auto" and self.attention not in attn.ATTENTION_IMPLS:
+            raise ValueError(f"model.attention={self.attention!r}; valid: auto, {', '.join(attn.ATTENTION_IMPLS)}")
+        attn.resolve_remat(self.remat, backend="cpu")  # validates the name
+        if self.attention_block < 1:
+            raise ValueError(f"model.attention_block must be >= 1, got {self.attention_block}")
         super().__post_init__()
 
+    def resolved(self, seq_len: int) -> tuple[str, str]:
+        """(attention, remat) as this model runs them on the default backend for `seq_len` keys."""
+        backend = jax.default_backend()
+        kind = attn.resolve_attention(self.attention, backend=backend, seq_len=seq_len, dtype=self.dtype,
+                                      numerics=self.numerics, head_dim=self.cfg.head_dim)
+        attn.check_attention(kind, dtype=self.dtype, numerics=self.numerics, backend=backend)
+        return kind, attn.resolve_remat(self.remat, backend=backend)
+
     @nn.compact
-    def __call__(self, tokens_BxT: Array, positions_BxT: Array, mask_BxTxS: Array,
+    def __call__(self, tokens_BxT: Array, positions_BxT: Array, mask: Array,
                  cache: KVCache | None = None, index: Array | int = 0, *,
                  return_logits: bool = True, collect_hidden: bool = False):
         """Runs the decoder; returns (logits FP32 [B,T,V] or final-normed hidden [B,T,H], new cache, per-layer).
 
-        Without a cache, `mask_BxTxS` is [B, T, T] (query t may see key s); with one it is [B, T, S] over the
-        cache's slots, and the keys and values of these T tokens are written at slots [index, index + T).
+        Without a cache, `mask` is the key validity [B, T] (1 on real tokens; causal attention implied, the mask
+        is then built per block by blockwise attention) or an explicit [B, T, T] (query t may see key s, as
+        `causal_inputs` builds it); with a cache it is [B, T, S] over the cache's slots, and the keys and values
+        of these T tokens are written at slots [index, index + T).
         `per_layer` is the residual stream after each layer, [L, B, T, H], when `collect_hidden`, else None.
         """
         cfg, num = self.cfg, self.numerics
@@ -362,15 +394,26 @@ class CausalLM(nn.Module):
         h = h.astype(res_dtype)
         cos_sin = rope_cos_sin(cfg, positions_BxT)
         kv = None if cache is None else (cache.k_LxBxSxKxD, cache.v_LxBxSxKxD)
+        if cache is not None:
+            if mask.ndim != 3:
+                raise ValueError(f"with a KV cache the mask must be [B, T, S], got shape {mask.shape}")
+            kind, remat = "dense", "none"
+        else:
+            kind, remat = self.resolved(tokens_BxT.shape[1])
+        if mask.ndim == 2 and kind == "dense":
+            mask = attn.causal_mask(mask.astype(jnp.bool_))
+        layer = DecoderLayer
+        if remat != "none":  # inside the scan, which already keeps the recomputation from being merged (no CSE)
+            layer = nn.remat(DecoderLayer, policy=attn.remat_policy(remat), prevent_cse=False)
         layers = nn.scan(
-            DecoderLayer,
+            layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=cfg.num_layers,
             unroll=self.unroll,
-        )(cfg, self.dtype, num, collect_hidden, name="layers")
-        h, (new_kv, per_layer) = layers(h, cos_sin, mask_BxTxS, jnp.asarray(index, jnp.int32), kv)
+        )(cfg, self.dtype, num, collect_hidden, kind, self.attention_block, name="layers")
+        h, (new_kv, per_layer) = layers(h, cos_sin, mask, jnp.asarray(index, jnp.int32), kv)
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, fmt=fmt, name="final_norm")(ar.cast(h))
         new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], cache.kv_mask_BxS)
         if cfg.tie_word_embeddings and fmt is not None:
@@ -391,15 +434,19 @@ class CausalLM(nn.Module):
         return head(h).astype(jnp.float32), new_cache, per_layer
 
 
-def causal_inputs(tokens_BxT: Array, positions_BxT: Array | None, attention_mask_BxT: Array | None):
-    """Positions (cumulative count of real tokens, as for left padding) and the [B, T, T] causal key mask."""
+def valid_inputs(tokens_BxT: Array, positions_BxT: Array | None, attention_mask_BxT: Array | None):
+    """Positions (cumulative count of real tokens, as for left padding) and the key validity [B, T] (bool)."""
     B, T = tokens_BxT.shape
     valid = jnp.ones((B, T), jnp.bool_) if attention_mask_BxT is None else attention_mask_BxT.astype(jnp.bool_)
     if positions_BxT is None:
         positions_BxT = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
-    causal = jnp.tril(jnp.ones((T, T), jnp.bool_))
-    mask = causal[None] & valid[:, None, :]
-    return positions_BxT, mask
+    return positions_BxT, valid
+
+
+def causal_inputs(tokens_BxT: Array, positions_BxT: Array | None, attention_mask_BxT: Array | None):
+    """Positions (cumulative count of real tokens, as for left padding) and the [B, T, T] causal key mask."""
+    positions_BxT, valid = valid_inputs(tokens_BxT, positions_BxT, attention_mask_BxT)
+    return positions_BxT, attn.causal_mask(valid)
 
 
 def param_count(params: Any) -> int:
@@ -424,8 +471,8 @@ def token_logprobs(model: CausalLM, params: Any, tokens_BxT: Array, attention_ma
     under `jax.checkpoint`, so no more than one [B, chunk, V] logits block is alive, forward or backward.
     """
     B, T = tokens_BxT.shape
-    positions_BxT, mask_BxTxT = causal_inputs(tokens_BxT, None, attention_mask_BxT)
-    h_BxTxH, _, _ = model.apply({"params": params}, tokens_BxT, positions_BxT, mask_BxTxT, return_logits=False)
+    positions_BxT, valid_BxT = valid_inputs(tokens_BxT, None, attention_mask_BxT)
+    h_BxTxH, _, _ = model.apply({"params": params}, tokens_BxT, positions_BxT, valid_BxT, return_logits=False)
     # Position t-1 predicts token t.
     h_BxNxH = h_BxTxH[:, :-1]
     targets_BxN = tokens_BxT[:, 1:]

@@ -106,8 +106,9 @@ class DPOTrainer:
         self.train_data = data.subset(slice(0, d.num_pairs))
         self.eval_data = data.subset(slice(d.num_pairs, None))
 
-        self.model = CausalLM(self.model_cfg, dtype=self.policy.compute_dtype,
-                              numerics=run.model.numerics())
+        self.model = CausalLM(self.model_cfg, dtype=self.policy.compute_dtype, numerics=run.model.numerics(),
+                              attention=run.model.attention, attention_block=run.model.attention_block,
+                              remat=run.model.remat)
         self.loss_cfg = d.loss_config()
         self._score = jax.jit(functools.partial(pair_logps, self.model))
         params = jax.tree_util.tree_map(jnp.asarray, params)
@@ -117,7 +118,8 @@ class DPOTrainer:
 
         self.optimizer = make_optimizer(run)
         self.step_fn = make_train_step(self._loss_fn, self.optimizer, self.policy,
-                                       max_grad_norm=run.optim.max_grad_norm, num_microbatches=d.microbatches)
+                                       max_grad_norm=run.optim.max_grad_norm, num_microbatches=d.microbatches,
+                                       donate=True)
         self.state = TrainState.create(params, self.optimizer, make_loss_scale(run))
         os.makedirs(run_dir, exist_ok=True)
         self.checkpointer = Checkpointer(checkpoint_dir(run_dir), keep=run.checkpoint.keep)
