@@ -402,7 +402,7 @@ def requirement_problems(sampler: str, versions: Mapping[str, str | None], push_
 def _training_estimate(run: RunConfig, trainer_devices: int) -> dict[str, Any] | None:
     """The trainer's per-device memory estimate (`jaxrl_fp16.memory`) for a config whose model folder exists;
     the sequence length is the engine's default context (1024 prompt tokens + responses)."""
-    from jaxrl_fp16.memory import estimate_memory
+    from jaxrl_fp16.memory import estimate_memory, run_options
     from jaxrl_fp16.models.config import ModelConfig
 
     if run.model.path is None or not os.path.isfile(os.path.join(run.model.path, "config.json")):
@@ -411,8 +411,9 @@ def _training_estimate(run: RunConfig, trainer_devices: int) -> dict[str, Any] |
     sizes = run.mesh.shape(trainer_devices)
     t = run.train
     rows = t.prompts_per_iteration * t.samples_per_prompt // t.minibatches_per_iteration // t.microbatches
+    seq_len = default_max_model_len(run.sampler.max_new_tokens)
     estimate = estimate_memory(cfg, sizes, compute_bytes=np.dtype(run.policy.compute_dtype).itemsize,
-                               microbatch_rows=rows, seq_len=default_max_model_len(run.sampler.max_new_tokens))
+                               microbatch_rows=rows, seq_len=seq_len, **run_options(run, cfg, seq_len))
     return {"bytes": estimate.total, "describe": estimate.describe(), "mesh": sizes}
 
 
