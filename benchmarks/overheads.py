@@ -53,7 +53,7 @@ def run_overheads(config: str, *, iterations: int, repeats: int) -> list[Compari
                 iteration_times.append(time.perf_counter() - start)
             lp = trainer.last_logprobs
             args, kwargs = last_call["args"], last_call["kwargs"]
-            state, rest = args[0], args[1:]
+            state, rest = trainer.state, args[1:]  # the step donated (deleted) the state it was given
             steps_per_iteration = run.train.minibatches_per_iteration
 
             def measure():

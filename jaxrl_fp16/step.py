@@ -84,7 +84,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, po
       max_grad_norm: clip the global gradient norm to this (optax.clip_by_global_norm); None disables.
       num_microbatches: split every batch leaf's leading axis into this many micro-batches and average the
         losses, gradients and aux values over them (gradient accumulation with `lax.scan`).
-      donate: donate the input state's buffers to the output state.
+      donate: donate the input state's buffers (params, optimizer and loss-scale state, counters) to the output
+        state, so they do not exist twice during an update; the state passed in is deleted by the call and must
+        not be used again (keep the returned one). `batch` and `frozen` are never donated.
       state_sharding: shardings of the state (a `TrainState` of shardings, e.g. `sharding.state_shardings`):
         the step takes and returns the state sharded so. None: as the arguments come (one device).
       batch_sharding: shardings of the batch (a sharding or a tree of them, e.g. `sharding.batch_sharding`).
@@ -177,7 +179,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, po
         }
         return new_state, metrics
 
-    donate_argnums = (0,) if donate else ()
+    donate_argnums = (0,) if donate else ()  # the state only
     if state_sharding is None and batch_sharding is None:
         return jax.jit(train_step, donate_argnums=donate_argnums)
     sharded = jax.jit(train_step, donate_argnums=donate_argnums,
