@@ -7,6 +7,10 @@ an old checkpoint (keep-last-N) is not atomic: a process killed then leaves a fi
 metadata file. Such folders, and the temporary folders of interrupted saves, are removed when a `Checkpointer`
 opens the directory.
 
+With several processes every process calls `save` and `restore` (orbax writes each process's shards and its
+own metadata from process 0); the folder's housekeeping (left-overs, broken checkpoints set aside) is process 0's
+while the others wait.
+
 Failures are one-line `CheckpointError`s (a ValueError): a checkpoint that does not restore (truncated array
 data, a garbled JSON file) names its folder and, where it can be told, the file, and the newest other checkpoint
 that does restore; a save that fails (a full disk) names the folder and the cause, after removing its temporary
@@ -29,6 +33,8 @@ from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
+
+from jaxrl_fp16 import multiprocess
 
 __all__ = ["CheckpointError", "Checkpointer"]
 
@@ -185,7 +191,9 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, keep: int = 3):
         self.directory = os.path.abspath(directory)
         self.keep = keep
-        _remove_leftovers(self.directory)
+        if multiprocess.is_writer():  # several processes: process 0 tidies the folder, the others wait for it
+            _remove_leftovers(self.directory)
+        multiprocess.barrier("checkpoint-open")
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
@@ -219,6 +227,9 @@ class Checkpointer:
                                   f"intact") from e
 
     def _remove_partial(self, iteration: int) -> None:
+        if not multiprocess.is_writer():  # process 0 removes; a failed save is not a point every process reaches
+            self._manager.reload()
+            return
         for name in os.listdir(self.directory):
             path = os.path.join(self.directory, name)
             unfinished = name == str(iteration) and not os.path.exists(os.path.join(path, _FINALIZED_MARKER))
@@ -301,8 +312,10 @@ class Checkpointer:
             target, n = self.folder(it) + _BROKEN_SUFFIX, 1
             while os.path.exists(target):
                 target, n = f"{self.folder(it)}{_BROKEN_SUFFIX}.{n}", n + 1
-            os.rename(self.folder(it), target)
+            if multiprocess.is_writer():  # several processes: process 0 renames, the others wait for it
+                os.rename(self.folder(it), target)
             kept.append(target)
+        multiprocess.barrier("checkpoint-set-aside")
         self._manager.close()
         self._manager = self._open()
         return kept

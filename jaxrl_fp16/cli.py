@@ -147,6 +147,20 @@ def _sanity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from jaxrl_fp16.outputs import ensure_writable_dir
+    from jaxrl_fp16.sweep import parse_formats, run_sweep
+
+    formats = parse_formats(args.formats) if args.formats else None
+    ensure_writable_dir(args.out)
+    report = run_sweep(args.out, formats=formats, seeds=args.seeds, quick=args.quick,
+                       long=(args.long or args.long_only) or None, main=not args.long_only,
+                       overrides=args.overrides, progress=not args.no_progress)
+    print("\n".join(f"- {s}" for s in report["findings"] + report["long_findings"]))
+    print(f"report: {os.path.join(args.out, 'report.md')}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from jaxrl_fp16.config import load_config
     from jaxrl_fp16.rl.rundir import Interrupted, resume_options_from_args
@@ -159,12 +173,16 @@ def _train(args: argparse.Namespace) -> int:
     run = load_config(args.config, overrides)
     from jaxrl_fp16.doctor import prepare_gpus
 
-    prepare_gpus(run)  # JAX's and the vLLM engine's shares of the GPUs: before JAX starts its backends
+    prepare_gpus(run)  # GPU shares and debug.deterministic (XLA_FLAGS): before JAX starts its backends
     if run.distributed.enabled:  # several processes: before any JAX computation
         from jaxrl_fp16.sharding import initialize_distributed
 
         d = run.distributed
         initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+    if _plan_wanted(args.plan, run):  # the memory plan first: before any file is written or weight read
+        from jaxrl_fp16.plan import plan_before_training
+
+        plan_before_training(run)
     run_dir = args.run_dir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
     if args.export:  # before any training, and again when the export is written
         from jaxrl_fp16.outputs import check_output_dir
@@ -186,6 +204,24 @@ def _train(args: argparse.Namespace) -> int:
               f"mismatch kl_k3 {last['mismatch/kl_k3']:.2e}, skipped steps {last['skipped_steps']}; "
               f"run directory {run_dir}")
     return 0
+
+
+def _plan_wanted(choice: str, run) -> bool:
+    """`train --plan {auto,on,off}`: auto plans a model from `model.path` of PLAN_MIN_PARAMS parameters or more."""
+    if choice != "auto":
+        return choice == "on"
+    from jaxrl_fp16.plan import PLAN_MIN_PARAMS, model_config
+
+    if run.model.path is None or not os.path.isfile(os.path.join(run.model.path, "config.json")):
+        return False  # the built-in tiny model, or a folder the trainer reports on
+    return model_config(run).num_params() >= PLAN_MIN_PARAMS
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from jaxrl_fp16 import plan
+
+    return plan.main(args.config, args.overrides, num_devices=args.num_devices, device_gib=args.device_memory_gib,
+                     json_path=args.json)
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -215,6 +251,9 @@ def _dpo(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides.append(f"dpo.steps={args.steps}")
     run = load_config(config, overrides)
+    from jaxrl_fp16.doctor import prepare_determinism
+
+    prepare_determinism(run)  # debug.deterministic: XLA's flag, before JAX starts its backends
     run_dir = args.run_dir or os.path.join("runs", "dpo_" + os.path.splitext(os.path.basename(config))[0])
     trainer = DPOTrainer(run, run_dir, resume=args.resume, resume_options=resume_options)
     try:
@@ -249,6 +288,9 @@ def _sft(args: argparse.Namespace) -> int:
     from jaxrl_fp16.rl.tasks import make_task
 
     run = load_config(args.config, args.overrides)
+    from jaxrl_fp16.doctor import prepare_determinism
+
+    prepare_determinism(run)  # debug.deterministic: XLA's flag, before JAX starts its backends
     if run.model.path is not None and not args.out:
         raise ValueError("with model.path set, give --out for the warm-started model")
     sources = [run.model.path] if run.model.path is not None else []
@@ -359,6 +401,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every arm")
     p.set_defaults(func=_sanity)
 
+    p = sub.add_parser("sweep", help="the sanity RL run once per float format (real dtypes and emulated eXmY) and "
+                       "seed: mismatch and training accuracy against mantissa bits, with a report")
+    p.add_argument("--quick", action="store_true", help="10 formats, 1 seed, 30 iterations (about 30 minutes on 2 "
+                   "CPU cores); without it: 15 formats, 3 seeds, 60 iterations and the long-response arm")
+    p.add_argument("--formats", default=None, help="comma list: float32, bfloat16, float16 (real dtypes) or eXmY "
+                   "(emulated, e.g. e8m3,e5m10)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 1 with --quick, else 3)")
+    p.add_argument("--long", action="store_true", help="also the long-response arm (FP16 and BF16)")
+    p.add_argument("--long-only", action="store_true", help="the long-response arm alone")
+    p.add_argument("--out", default="runs/sweep", help="output directory (sweep.json, report.md, plots, one "
+                   "folder per run; an existing one is resumed)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every run")
+    p.set_defaults(func=_sweep)
+
     p = sub.add_parser("train", help="RL training from a YAML run config")
     p.add_argument("config", help="YAML run config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. loss.algorithm=gspo")
@@ -371,7 +428,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="let --export replace an existing Hugging Face model folder not written by jaxrl-fp16 (a "
                         "folder holding other files is always refused)")
+    p.add_argument("--plan", choices=("auto", "on", "off"), default="auto",
+                   help="compile the memory plan first and stop (exit 3) when the run does not fit; auto: for a "
+                        "model.path of 50M+ parameters (see jaxrl-fp16 plan)")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("plan", help="per-device memory of a run, from XLA's ahead-of-time compile of the update "
+                       "step and the scorer (config.json only, no weights); exit 3 when it does not fit")
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.microbatches=64")
+    p.add_argument("--num-devices", type=int, default=None,
+                   help="devices of the host (default: those present; others are simulated on the CPU)")
+    p.add_argument("--device-memory-gib", type=float, default=None,
+                   help="memory of each device (default: the devices'; on a CPU host the host RAM); given on a "
+                        "CPU host, the plan is for a GPU")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("dpo", help="offline preference optimisation (DPO) from a YAML run config")
     p.add_argument("config", nargs="?", default=None, help="YAML run config (see configs/dpo/)")
@@ -428,6 +500,17 @@ def _debug_requested(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+def _leave(code: int) -> int:
+    """A process of several that fails exits at once with `code`: JAX's shutdown at exit would wait (minutes) at a
+    barrier for the others, which wait in a collective for this one; its exit lets them fail too."""
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -448,11 +531,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except EXPECTED_ERRORS as e:
         print(f"{prefix} {_one_line(e) or type(e).__name__}", file=sys.stderr)
-        return 2
+        return _leave(getattr(e, "exit_code", 2))  # 3: the run does not fit its devices (memory.DoesNotFitError)
     except Exception as e:  # a defect, not the user's input: still one line, and how to see where it came from
         print(f"{prefix} unexpected {type(e).__name__}: {_one_line(e)} (run with --debug or {DEBUG_ENV}=1 for the "
               f"traceback)", file=sys.stderr)
-        return 1
+        return _leave(1)
 
 
 if __name__ == "__main__":

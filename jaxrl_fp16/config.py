@@ -401,8 +401,9 @@ _INT32_MAX = 2**31 - 1
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LossScaleSection:
-    """`auto`: dynamic scaling when the compute dtype is float16, none otherwise (PyTorch GradScaler's defaults
-    but growth every 400 steps, as in the reference runs)."""
+    """`auto`: dynamic scaling when the compute dtype is float16 or `model.emulate` has at most 5 exponent bits
+    (e5m10, e5m2, e4m3: gradients underflow as in FP16), none otherwise (PyTorch GradScaler's defaults but growth
+    every 400 steps, as in the reference runs)."""
 
     kind: str = "auto"
     init_scale: float = 2.0 ** 16
@@ -441,12 +442,14 @@ class TrainSection:
     minibatches_per_iteration: int = 4  # optimizer steps per iteration
     microbatches: int = 1  # gradient accumulation inside each optimizer step
     normalize_advantage_std: bool = False
+    score_memory_gib: float = 2.0  # activation budget of one batch of the trainer's scorer (`scoring.score_rows`)
 
     def __post_init__(self):
         _check_fields(self, "train")
         _positive("train", iterations=self.iterations, prompts_per_iteration=self.prompts_per_iteration,
                   samples_per_prompt=self.samples_per_prompt,
-                  minibatches_per_iteration=self.minibatches_per_iteration, microbatches=self.microbatches)
+                  minibatches_per_iteration=self.minibatches_per_iteration, microbatches=self.microbatches,
+                  score_memory_gib=self.score_memory_gib)
         rows = self.prompts_per_iteration * self.samples_per_prompt
         if rows % self.minibatches_per_iteration:
             raise ConfigError(f"train: prompts_per_iteration x samples_per_prompt = {rows} rows do not split into "
@@ -542,6 +545,9 @@ class DistributedSection:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DebugSection:
     inject_overflow_steps: list[int] = dataclasses.field(default_factory=list)  # optimizer steps made non-finite
+    # GPU run-to-run determinism: XLA's --xla_gpu_deterministic_ops=true and vLLM's VLLM_BATCH_INVARIANT=1
+    # (jaxrl_fp16._xla_flags.enable_deterministic; set before JAX starts). Slower; nothing changes on a CPU.
+    deterministic: bool = False
 
     def __post_init__(self):
         _check_fields(self, "debug")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -114,7 +113,8 @@ def plan_shapes(run: RunConfig, cfg: ModelConfig, trainer_devices: int) -> PlanS
                           f"devices")
     width = plan_width(run, cfg)
     scorer = Scorer(cfg, dtype=run.policy.compute_dtype, numerics=run.model.numerics(),
-                    memory_gib=t.score_memory_gib)
+                    memory_gib=t.score_memory_gib, attention=run.model.attention,
+                    attention_block=run.model.attention_block)
     score_rows = scorer.rows(width, t.prompts_per_iteration * t.samples_per_prompt)
     return PlanShapes(mesh=mesh, step_rows=rows, microbatches=t.microbatches, width=width, score_rows=score_rows,
                       score_width=width)

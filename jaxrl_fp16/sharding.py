@@ -298,8 +298,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     """Starts JAX's distributed runtime once; returns False when it was already running.
 
     Unset arguments come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID when those are set,
-    otherwise from JAX's cluster detection (SLURM, Open MPI, Kubernetes, Cloud TPU). Must run before any JAX
-    computation: a RuntimeError says so when something already started the backends.
+    otherwise from JAX's cluster detection (SLURM, Open MPI, Kubernetes, Cloud TPU). CPU devices use gloo for
+    collectives across processes (unless JAX_CPU_COLLECTIVES_IMPLEMENTATION says otherwise). Must run before any
+    JAX computation: a RuntimeError says so when something already started the backends.
     """
     if jax.distributed.is_initialized():
         return False
@@ -310,6 +311,9 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
                            "are already started (e.g. a `half` precision resolved against the platform, or a "
                            "library that ran JAX at import): start the distributed runtime first")
     env = os.environ
+    if not env.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+        # CPU devices of several processes talk through gloo (a GPU backend does not read this option).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
     if num_processes is None and env.get("JAX_NUM_PROCESSES"):
         num_processes = int(env["JAX_NUM_PROCESSES"])

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxrl_fp16 import multiprocess
 from jaxrl_fp16.models.decoder import CausalLM, causal_inputs
 from jaxrl_fp16.precision import Policy
 from jaxrl_fp16.rl.advantages import gae_advantages, masked_whiten
@@ -254,7 +255,10 @@ class ValueScorer:
             tok, mask = np.zeros((bs, T), np.int32), np.zeros((bs, T), np.int32)
             tok[:n], mask[:n] = tokens[start:start + n], attention_mask[start:start + n]
             mask[n:, 0] = 1  # filler rows: one real token, never read
-            out.append(np.asarray(_values(self.model, self.policy, critic, tok, mask))[:n])
+            sharding = multiprocess.input_sharding(critic)  # critic spread over processes: global inputs
+            if sharding is not None:
+                tok, mask = multiprocess.global_array(tok, sharding), multiprocess.global_array(mask, sharding)
+            out.append(multiprocess.to_host(_values(self.model, self.policy, critic, tok, mask))[:n])
         return np.concatenate(out).astype(np.float32)
 
 

@@ -7,15 +7,18 @@ every arm of a precision comparison trains on the same prompts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
 
+from jaxrl_fp16 import multiprocess
 from jaxrl_fp16.rl.tasks import Problem, pass_rates, score_responses, select_perfectible
 from jaxrl_fp16.sampling import JaxSampler
 
@@ -37,12 +40,35 @@ def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _write_json(path: str, obj: Any) -> None:
+    """`obj` as JSON at `path`, atomically: a temporary file of this writer's own, then a rename (concurrent
+    writers of the same cache each rename a whole file)."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def build_prompt_set(run: Any, base_dir: str, model_cfg: Any, params: Any, tokenizer: Any, task: Any,
                      run_sampler: Any = None) -> tuple[list[Problem], dict[str, Any]]:
     """The problems to train on, with stats (candidates, kept, mean pass rate before/after the filter).
 
     Pass rates come from the built-in JAX sampler in FP32, or from `run_sampler` when
-    `perfectible.sampler` is "run"."""
+    `perfectible.sampler` is "run". With several processes, process 0 builds the cache (its own sampler, on
+    its own devices) while the others wait, then every process reads it: the same set everywhere."""
+    return multiprocess.first_then_others(
+        lambda: _build_prompt_set(run, base_dir, model_cfg, params, tokenizer, task, run_sampler), "prompt-set")
+
+
+def _build_prompt_set(run: Any, base_dir: str, model_cfg: Any, params: Any, tokenizer: Any, task: Any,
+                      run_sampler: Any = None) -> tuple[list[Problem], dict[str, Any]]:
     candidates = task.generate(run.task.num_problems, run.task.seed)
     if not run.perfectible.enabled:
         return candidates[: run.perfectible.max_prompts], {"prompts/candidates": len(candidates),
@@ -79,10 +105,6 @@ def build_prompt_set(run: Any, base_dir: str, model_cfg: Any, params: Any, token
     stats = {"prompts/candidates": len(candidates), "prompts/kept": len(kept),
              "prompts/pass_rate_all": float(np.mean(rates)),
              "prompts/pass_rate_kept": float(np.mean(np.asarray(rates)[kept]))}
-    os.makedirs(os.path.dirname(cache) or ".", exist_ok=True)
-    tmp = cache + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"indices": [int(i) for i in kept], "stats": stats}, f)
-    os.replace(tmp, cache)
+    _write_json(cache, {"indices": [int(i) for i in kept], "stats": stats})
     log.info("prompt set: %s", stats)
     return [candidates[i] for i in kept], stats

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from jaxrl_fp16 import multiprocess
 from jaxrl_fp16.config import ConfigError, RunConfig, load_config, to_yaml
 
 __all__ = ["SILENT_CHANGES", "ConfigChangeError", "Interrupted", "MetricsLog", "ResumeOptions", "StopSignals",
@@ -35,7 +36,7 @@ RESUMED_CONFIG_FILE = "config.resumed.yaml"
 CHANGES_FILE = "config_changes.jsonl"
 # Keys whose change leaves the trajectory as it was: a resume takes them without asking (a section allows its keys).
 SILENT_CHANGES = ("train.iterations", "dpo.steps", "log", "checkpoint.every", "checkpoint.keep",
-                  "checkpoint.export_hf", "checkpoint.export_dtype", "distributed.coordinator_address")
+                  "checkpoint.export_hf", "checkpoint.export_dtype", "distributed")  # any process layout
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -52,7 +53,9 @@ def refuse_overwrite(run_dir: str, resume: bool) -> None:
 
 def write_config(run_dir: str, run: RunConfig) -> None:
     """The resolved config of a new run as `run_dir/config.yaml`; the resume records of a former run in the
-    folder (one without checkpoints) are removed."""
+    folder (one without checkpoints) are removed. With several processes, process 0 writes."""
+    if not multiprocess.is_writer():
+        return
     for name in (RESUMED_CONFIG_FILE, CHANGES_FILE):
         if os.path.exists(os.path.join(run_dir, name)):
             os.remove(os.path.join(run_dir, name))
@@ -227,9 +230,12 @@ def begin_resume(run_dir: str, run: RunConfig, options: ResumeOptions,
 def finish_resume(run_dir: str, run: RunConfig, options: ResumeOptions, meta: dict[str, Any], iteration: int,
                   silent: Sequence[str] = SILENT_CHANGES) -> dict[str, list]:
     """After the restore of checkpoint `iteration` (its `meta`): checks the config against the checkpoint's and
-    records the changes (`config_changes.jsonl`, `config.resumed.yaml`; `config.yaml` is left as it was)."""
+    records the changes (`config_changes.jsonl`, `config.resumed.yaml`; `config.yaml` is left as it was).
+    With several processes, process 0 writes."""
     reference = _reference(run_dir, meta, iteration)
     changes = {} if reference is None else check_changes(reference, run, options, silent)
+    if not multiprocess.is_writer():
+        return changes
     if not os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
         _write_text(os.path.join(run_dir, CONFIG_FILE), to_yaml(run))
     if changes:
@@ -318,6 +324,8 @@ class MetricsLog:
     """`run_dir/metrics.jsonl`, one JSON line per logged step (lines past `start_step` are dropped on open, as
     a resume logs them again), and the numeric values as TensorBoard scalars under `run_dir/tb` when asked.
 
+    With several processes only process 0 writes (`enabled` is False on the others: `write` does nothing).
+
     Args:
       run_dir: the run directory.
       start_step: the step the run resumes from (0 for a fresh run).
@@ -327,14 +335,19 @@ class MetricsLog:
 
     def __init__(self, run_dir: str, start_step: int, *, tensorboard: bool, purge_step: int):
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        truncate_metrics(self.path, start_step)
+        self.enabled = multiprocess.is_writer()
         self.writer = None
+        if not self.enabled:
+            return
+        truncate_metrics(self.path, start_step)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge_step)
 
     def write(self, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.writer is not None:

@@ -78,7 +78,7 @@ def run_sft(model_dir: str, task: Any, sft: Any, out_dir: str, *, progress: bool
     optimizer = optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.0)
     scale = DynamicLossScale(loss_scale=2.0 ** 15, period=200) if policy.compute_dtype == np.float16 \
         else NoOpLossScale()
-    step = make_train_step(loss_fn, optimizer, policy, max_grad_norm=1.0)
+    step = make_train_step(loss_fn, optimizer, policy, max_grad_norm=1.0, donate=True)
     state = TrainState.create(jax.tree_util.tree_map(jnp.asarray, params), optimizer, scale)
     rng = np.random.default_rng(sft.seed)
     losses = []
@@ -100,7 +100,16 @@ def _cache_key(obj: Any) -> str:
 
 def ensure_base_model(run: Any, progress: bool = True) -> str:
     """The base model directory of a `RunConfig`: `model.path`, or a tiny model built and warm-started on the
-    run's task, cached under `model.cache_dir` keyed by everything that determines it."""
+    run's task, cached under `model.cache_dir` keyed by everything that determines it. With several processes,
+    process 0 builds it while the others wait, then they find it (`model.cache_dir` shared by the hosts)."""
+    from jaxrl_fp16 import multiprocess
+
+    if run.model.path is not None:
+        return _ensure_base_model(run, progress)
+    return multiprocess.first_then_others(lambda: _ensure_base_model(run, progress), "base-model")
+
+
+def _ensure_base_model(run: Any, progress: bool) -> str:
     import dataclasses
 
     from jaxrl_fp16.models.tiny import make_tiny
@@ -126,6 +135,8 @@ def ensure_base_model(run: Any, progress: bool = True) -> str:
                                max_position_embeddings=t.max_position_embeddings, seed=t.seed)
         task = make_task(run.task.name, **dict(run.task.options))
         run_sft(random_dir, task, m.warm_start, out, progress=progress)
-    with open(os.path.join(out, "base_model_spec.json"), "w") as f:
+    spec_file = os.path.join(out, "base_model_spec.json")
+    with open(f"{spec_file}.{os.getpid()}.tmp", "w") as f:  # a writer's own temporary file, then a rename
         json.dump(spec, f, indent=2)
+    os.replace(f.name, spec_file)
     return out

@@ -18,6 +18,7 @@ or SIGTERM stop the loop at the next iteration boundary with a checkpoint (`rund
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -29,12 +30,13 @@ import numpy as np
 import optax
 
 from jaxrl_fp16 import mismatch
+from jaxrl_fp16 import multiprocess
 from jaxrl_fp16 import sharding
 from jaxrl_fp16.checkpoint import CheckpointError, Checkpointer
 from jaxrl_fp16.config import ConfigError, RunConfig
 from jaxrl_fp16.lora import LoRA
 from jaxrl_fp16.loss_scale import DynamicLossScale, NoOpLossScale, StaticLossScale
-from jaxrl_fp16.memory import check_fits, device_bytes_limit, estimate_memory
+from jaxrl_fp16.memory import check_fits, device_bytes_limit, estimate_memory, run_options
 from jaxrl_fp16.models.decoder import CausalLM, token_logprobs
 from jaxrl_fp16.models.hf import load_hf_params, save_hf_params
 from jaxrl_fp16.rl import ppo
@@ -48,22 +50,35 @@ from jaxrl_fp16.rl.sft import ensure_base_model
 from jaxrl_fp16.rl.tasks import make_task
 from jaxrl_fp16.sampling import create_sampler
 from jaxrl_fp16.sampling.options import trainer_devices
-from jaxrl_fp16.scoring import Scorer
+from jaxrl_fp16.scoring import Scorer, bucket_width
 from jaxrl_fp16.step import TrainState, make_train_step
 
 __all__ = ["RL_SILENT_CHANGES", "Trainer", "export_checkpoint", "make_loss_scale", "make_optimizer",
-           "prompt_indices"]
+           "prompt_indices", "rollout_arrays", "rollout_span", "resolved_loss_scale_kind"]
 
 log = logging.getLogger(__name__)
 # Config keys a resume of an RL run takes without asking: SILENT_CHANGES, and the DPO section it does not read.
 RL_SILENT_CHANGES = (*SILENT_CHANGES, "dpo")
 
 
+# An emulated format with this many exponent bits or fewer underflows small gradients as FP16 (e5m10) does.
+AUTO_SCALE_MAX_EXPONENT_BITS = 5
+
+
+def resolved_loss_scale_kind(run: RunConfig) -> str:
+    """`loss_scale.kind`, with `auto` resolved: dynamic when the compute dtype is float16 or the emulated format
+    (`model.emulate`) has at most `AUTO_SCALE_MAX_EXPONENT_BITS` exponent bits (e5m10, e5m2, e4m3), else none."""
+    if run.loss_scale.kind != "auto":
+        return run.loss_scale.kind
+    fmt = run.model.numerics().float_format
+    if fmt is not None:
+        return "dynamic" if fmt.exponent_bits <= AUTO_SCALE_MAX_EXPONENT_BITS else "none"
+    return "dynamic" if run.policy.compute_dtype == np.float16 else "none"
+
+
 def make_loss_scale(run: RunConfig):
     ls = run.loss_scale
-    kind = ls.kind
-    if kind == "auto":
-        kind = "dynamic" if run.policy.compute_dtype == np.float16 else "none"
+    kind = resolved_loss_scale_kind(run)
     if kind == "dynamic":
         return DynamicLossScale(loss_scale=ls.init_scale, period=ls.period, factor=ls.factor,
                                 min_loss_scale=ls.min_scale, max_loss_scale=ls.max_scale)
@@ -96,7 +111,8 @@ def _policy_params(run: RunConfig, params: Any) -> Any:
 def _exported_policy(run: RunConfig, trainable: Any, lora: LoRA | None, base: Any) -> Any:
     """The policy's FP32 weights for export, on the host; LoRA: the FP32 adapters merged into the FP32 base."""
     params = _policy_params(run, trainable)
-    return jax.device_get(params if lora is None else lora.export_params(params, base))
+    # Several processes: gathered by all (collectives), one tensor at a time.
+    return multiprocess.host_tree(params if lora is None else lora.export_params(params, base))
 
 
 def make_run_mesh(run: RunConfig):
@@ -114,6 +130,19 @@ def make_run_mesh(run: RunConfig):
     return mesh
 
 
+def _check_processes(run: RunConfig) -> None:
+    """Several processes: each must get prompts to sample, with a sampler that seeds per row."""
+    if not multiprocess.is_multiprocess():
+        return
+    if run.sampler.name == "transformers":
+        raise ConfigError(f"sampler.name=transformers runs in one process only (it seeds per batch, not per row); "
+                          f"with {jax.process_count()} processes use sampler.name=jax or vllm")
+    try:
+        multiprocess.group_share(run.train.prompts_per_iteration)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _memory_estimate(run: RunConfig, model_cfg, params: Any, mesh, compute, seq_len: int, frozen: Any = None):
     """The per-device estimate of training `params` (the trained tree; `frozen`: LoRA's base) on `mesh`, logged
     and checked."""
@@ -122,7 +151,8 @@ def _memory_estimate(run: RunConfig, model_cfg, params: Any, mesh, compute, seq_
     estimate = estimate_memory(model_cfg, sizes, compute_bytes=np.dtype(compute).itemsize,
                                microbatch_rows=rows // run.train.microbatches, seq_len=seq_len,
                                params_per_device=sharding.elements_per_device(params, sizes),
-                               frozen_per_device=0 if frozen is None else sharding.elements_per_device(frozen, sizes))
+                               frozen_per_device=0 if frozen is None else sharding.elements_per_device(frozen, sizes),
+                               **run_options(run, model_cfg, seq_len))
     log.info("mesh %s; training memory estimate: %s", dict(sizes), estimate.describe())
     check_fits(estimate, device_bytes_limit(mesh.devices.flat))
     return estimate
@@ -145,6 +175,26 @@ def _pad_left(x: np.ndarray, width: int, value: Any = 0) -> np.ndarray:
     return np.pad(x, ((0, 0), (extra, 0)), constant_values=value)
 
 
+def rollout_span(attention_mask: np.ndarray) -> tuple[int, int]:
+    """[start, stop) of the columns holding a real token in some row: outside it every row is padding."""
+    cols = np.flatnonzero(np.asarray(attention_mask).any(axis=0))
+    if cols.size == 0:
+        raise ValueError("rollout has no real token (attention_mask is all 0)")
+    return int(cols[0]), int(cols[-1]) + 1
+
+
+def rollout_arrays(rollout: Any, width: int, pad_id: int) -> dict[str, np.ndarray]:
+    """The rollout's `tokens`, `attention_mask`, `response_mask` and `sampler_logp` (the last two float32)
+    without their all-padding columns, left-padded to `width`: the same rows, positions and masked tokens at any
+    width that holds them (the trainer passes `bucket_width` of the span, so short responses cost short rows)."""
+    start, stop = rollout_span(rollout.attention_mask)
+    cut = slice(start, stop)
+    return {"tokens": _pad_left(rollout.tokens[:, cut], width, pad_id),
+            "attention_mask": _pad_left(rollout.attention_mask[:, cut], width),
+            "response_mask": _pad_left(rollout.response_mask[:, cut], width).astype(np.float32),
+            "sampler_logp": _pad_left(rollout.logprobs[:, cut], width).astype(np.float32)}
+
+
 class Trainer:
     """Builds everything a run needs from a `RunConfig`; `run()` trains, logging to `run_dir`.
 
@@ -163,6 +213,7 @@ class Trainer:
         if resume:  # before anything is built: nothing to resume, or a config change not allowed
             begin_resume(run_dir, run, resume_options, RL_SILENT_CHANGES)
         self.mesh = make_run_mesh(run)
+        _check_processes(run)
 
         self.base_dir = ensure_base_model(run, progress=self.progress)
         self.model_cfg, params = load_hf_params(self.base_dir)
@@ -186,8 +237,9 @@ class Trainer:
                              f"context ({self.model_cfg.max_position_embeddings})")
         log.info("trainer compute dtype %s, sampler dtype %s (%s)", compute, self.sampler.compute_dtype,
                  run.sampler.name)
-        self.scorer = Scorer(self.model_cfg, dtype=compute, numerics=numerics)
-        self.model = CausalLM(self.model_cfg, dtype=compute, numerics=numerics)
+        attention = dict(attention=run.model.attention, attention_block=run.model.attention_block)
+        self.scorer = Scorer(self.model_cfg, dtype=compute, numerics=numerics, **attention)
+        self.model = CausalLM(self.model_cfg, dtype=compute, numerics=numerics, remat=run.model.remat, **attention)
         self.loss_cfg = run.loss
         self.optimizer = make_optimizer(run)
         # LoRA: the step trains the adapters; the base rides along in the compute dtype as `frozen`.
@@ -206,7 +258,7 @@ class Trainer:
         self.step_fn = make_train_step(self._loss_fn if self.lora is None else self.lora.wrap_loss(self._loss_fn),
                                        self.optimizer, self.policy,
                                        max_grad_norm=None if run.critic.enabled else run.optim.max_grad_norm,
-                                       num_microbatches=run.train.microbatches,
+                                       num_microbatches=run.train.microbatches, donate=True,
                                        state_sharding=self.state_sharding, batch_sharding=self.batch_sharding)
         self.value_scorer = ppo.ValueScorer(self.model, self.policy) if run.critic.enabled else None
         os.makedirs(run_dir, exist_ok=True)
@@ -248,19 +300,25 @@ class Trainer:
         idx = prompt_indices(len(self.problems), run.train.prompts_per_iteration, it, run.seed)
         problems = [self.problems[i] for i in idx]
         settings = run.sampler.settings(run.train.samples_per_prompt, seed=run.seed * 1_000_003 + it)
-        rollout = self.sampler.generate([self.prompt_ids[i] for i in idx], settings)
+        # Several processes: each samples its block of prompts (whole groups) with those rows' random streams,
+        # then all exchange their rows: every process holds the rollout of one process sampling them all.
+        lo, hi = multiprocess.group_share(len(idx))
+        settings = dataclasses.replace(settings, first_row=lo * run.train.samples_per_prompt)
+        local = self.sampler.generate([self.prompt_ids[i] for i in idx[lo:hi]], settings)
+        rollout = multiprocess.gather_rollout(local, lo, self.model_cfg.pad_token_id or 0)
         t1 = time.perf_counter()
         rewards = rollout_rewards(self.task, problems, self.tokenizer, rollout)
         advantages = None if run.critic.enabled else np.asarray(group_advantages(
             jnp.asarray(rewards), run.train.samples_per_prompt, normalize_std=run.train.normalize_advantage_std))
         t2 = time.perf_counter()
 
-        pad = self.model_cfg.pad_token_id or 0
-        tokens = _pad_left(rollout.tokens, self.width, pad)
-        attention_mask = _pad_left(rollout.attention_mask, self.width)
-        response_mask = _pad_left(rollout.response_mask, self.width).astype(np.float32)
-        sampler_logp = _pad_left(rollout.logprobs, self.width).astype(np.float32)
-        old_logp = self.scorer(self.policy_weights(), tokens, attention_mask, run.sampler.temperature)
+        # Padded to the bucket of this rollout's own longest row (at most self.width): few compiled widths.
+        start, stop = rollout_span(rollout.attention_mask)
+        arrays = rollout_arrays(rollout, bucket_width(stop - start, self.width), self.model_cfg.pad_token_id or 0)
+        tokens, attention_mask = arrays["tokens"], arrays["attention_mask"]
+        response_mask, sampler_logp = arrays["response_mask"], arrays["sampler_logp"]
+        old_logp = self.scorer(self.policy_weights(), tokens, attention_mask, run.sampler.temperature,
+                               max_width=self.width, memory_gib=run.train.score_memory_gib)
         old_logp = np.where(response_mask > 0, old_logp, 0.0).astype(np.float32)
         critic_batch, critic_metrics = {}, {}
         if run.critic.enabled:  # V_old, then per-token GAE advantages and the value targets
@@ -298,6 +356,7 @@ class Trainer:
 
         out = {
             "step": it + 1,
+            "rollout/local_rows": int(local.num_rows),
             "optimizer_step": int(self.state.step),
             "reward/mean": float(rewards.mean()),
             "reward/accuracy": float(np.mean(rewards >= 1.0)),
@@ -343,16 +402,17 @@ class Trainer:
                     bar.set_postfix(acc=f"{m['reward/accuracy']:.2f}", kl=f"{m['mismatch/kl_k3']:.1e}",
                                     skip=m["skipped_steps"])
                     done = it + 1
-                    if done % run.checkpoint.every == 0 or done == total or stop.signum is not None:
+                    signum = multiprocess.agree_max(stop.signum or 0) or None  # a signal to one process stops all
+                    if done % run.checkpoint.every == 0 or done == total or signum is not None:
                         self.save(done)
-                    if stop.signum is not None:
-                        raise Interrupted(stop.signum, f"stopped by {signal_name(stop.signum)} after iteration "
+                    if signum is not None:
+                        raise Interrupted(signum, f"stopped by {signal_name(signum)} after iteration "
                                                        f"{done} of {total}; checkpoint {done} saved in {ckpt_dir} "
                                                        f"(continue with --resume)")
         finally:
             bar.close()
             metrics_log.close()
-        if history:
+        if history and multiprocess.is_writer():
             # The last iteration's log mu / log pi per token, for scatter plots and offline analysis.
             np.savez_compressed(os.path.join(self.run_dir, "last_logprobs.npz"), **self.last_logprobs)
         hf_dir = os.path.join(self.run_dir, "hf")
@@ -380,9 +440,11 @@ class Trainer:
 
     def export(self, out_dir: str, dtype: str | None = None, *, overwrite: bool = False) -> None:
         base = None if self.lora is None else load_hf_params(self.base_dir)[1]
-        save_hf_params(_exported_policy(self.run_cfg, self.state.params, self.lora, base), self.model_cfg, out_dir,
-                       dtype=dtype or self.run_cfg.checkpoint.export_dtype, tokenizer_from=self.base_dir,
-                       overwrite=overwrite, sources=[self.run_dir])
+        params = _exported_policy(self.run_cfg, self.state.params, self.lora, base)  # every process gathers
+        if multiprocess.is_writer():  # process 0 writes, the others wait for the folder
+            save_hf_params(params, self.model_cfg, out_dir, dtype=dtype or self.run_cfg.checkpoint.export_dtype,
+                           tokenizer_from=self.base_dir, overwrite=overwrite, sources=[self.run_dir])
+        multiprocess.barrier("export")
 
     def close(self) -> None:
         self.sampler.close()

@@ -2,8 +2,9 @@
 
 No extra install. Shapes are bucketed (rows to a power of two, prompt width to a multiple of `prompt_bucket`)
 so that a new batch does not recompile; sampling settings other than `max_new_tokens` are traced values.
-Randomness is per row: row r of a call with seed s draws from fold_in(PRNGKey(s), r), so a row's sample does
-not depend on how rows were batched.
+Randomness is per row: row r of a call with seed s draws from fold_in(PRNGKey(s), first_row + r)
+(`SamplingSettings.first_row`, 0 by default), so a row's sample does not depend on how rows were batched, nor on
+which process samples it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_fp16 import multiprocess
 from jaxrl_fp16.models.config import ModelConfig, Numerics
 from jaxrl_fp16.models.decoder import CausalLM
 from jaxrl_fp16.models.inference import decode_step, left_pad, prefill
@@ -131,8 +133,16 @@ class JaxSampler(BaseSampler):
         log.info("JAX sampler: compute dtype %s", self.compute_dtype)
 
     def _push(self, params: Any) -> None:
-        """Takes the trainer's params, cast once to the compute dtype (FP32 params stay FP32 in `fp32`)."""
-        self._params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, self.compute_dtype), params)
+        """Takes the trainer's params, cast once to the compute dtype (FP32 params stay FP32 in `fp32`), into
+        buffers of its own: the trainer's step donates (deletes) the arrays it was given. Arrays spread over
+        several processes are gathered to the host one tensor at a time (a collective: every process pushes) and
+        put on this process's first device: one engine per process."""
+        if multiprocess.input_sharding(params) is not None:
+            device = jax.local_devices()[0]
+            self._params = multiprocess.host_tree(
+                params, then=lambda x: jax.device_put(np.asarray(x, self.compute_dtype), device))
+            return
+        self._params = jax.tree_util.tree_map(lambda x: jnp.array(x, self.compute_dtype, copy=True), params)
 
     def _sample(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Rollout:
         if self._params is None:
@@ -158,7 +168,8 @@ class JaxSampler(BaseSampler):
             bucket = min(_next_pow2(len(chunk)), self.max_batch_size)
             padded = chunk + [chunk[0]] * (bucket - len(chunk))
             tok_BxP, mask_BxP = left_pad(padded, self.pad_id, width)
-            res = _generate(self.model, self._params, tok_BxP, mask_BxP, base_key, np.uint32(start),
+            res = _generate(self.model, self._params, tok_BxP, mask_BxP, base_key,
+                            np.uint32(settings.first_row + start),
                             *scalars, max_new_tokens=R)
             t, lp, n, d = (np.asarray(x)[: len(chunk)] for x in jax.device_get(res))
             out_tok.append(t), out_lp.append(lp), lengths.append(n), stopped.append(d)

@@ -112,6 +112,10 @@ class TransformersSampler(BaseSampler):
     # ----- sampling -----
 
     def _sample(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Rollout:
+        if settings.first_row:
+            raise ValueError(f"SamplingSettings.first_row={settings.first_row}: the transformers sampler seeds "
+                             f"per batch, not per row, so it cannot sample a block of a batch's rows (several "
+                             f"processes): use sampler.name=jax or vllm")
         prompts = validate_prompts(prompts, self.cfg.vocab_size, self.max_model_len, settings.max_new_tokens)
         k, new = settings.samples_per_prompt, settings.max_new_tokens
         rows = [p for p in prompts for _ in range(k)]
