@@ -403,8 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="the sanity RL run once per float format (real dtypes and emulated eXmY) and "
                        "seed: mismatch and training accuracy against mantissa bits, with a report")
-    p.add_argument("--quick", action="store_true", help="10 formats, 1 seed, 30 iterations (about 30 minutes on 2 "
-                   "CPU cores); without it: 15 formats, 3 seeds, 60 iterations and the long-response arm")
+    p.add_argument("--quick", action="store_true", help="10 formats, 1 seed, 30 iterations (about 20 minutes on 2 "
+                   "idle CPU cores); without it: 15 formats, 3 seeds, 60 iterations and the long-response arm")
     p.add_argument("--formats", default=None, help="comma list: float32, bfloat16, float16 (real dtypes) or eXmY "
                    "(emulated, e.g. e8m3,e5m10)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 1 with --quick, else 3)")

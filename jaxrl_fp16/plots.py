@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 __all__ = ["token_prob_scatter", "seq_log_ratio_vs_length", "layer_drift_plot", "override_gap_plot",
-           "mismatch_vs_length_plot", "training_curves"]
+           "mismatch_vs_length_plot", "training_curves", "metric_vs_mantissa_bits"]
 
 Series = tuple[np.ndarray, np.ndarray, np.ndarray]  # (log mu [N,T], log pi [N,T], response mask [N,T])
 
@@ -228,7 +228,8 @@ def training_curves(series: Mapping[str, "list[float]"], path: str, *, ylabel: s
             zeros = x[y == 0]
             y = np.where(y > 0, y, np.nan)  # exact agreement has no place on a log axis: marked below instead
             if zeros.size:
-                floor = np.nanmin(y) / 3 if np.isfinite(np.nanmin(y)) else 1e-12
+                finite = y[np.isfinite(y)]
+                floor = finite.min() / 3 if finite.size else 1e-12
                 ax.scatter(zeros, np.full(zeros.shape, floor), marker="v", color=color, s=18,
                            label=f"{label}: exactly 0 (drawn at the bottom)")
         if smooth > 1:
@@ -244,6 +245,59 @@ def training_curves(series: Mapping[str, "list[float]"], path: str, *, ylabel: s
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def metric_vs_mantissa_bits(points: "list[dict]", path: str, *, keys: Mapping[str, str], ylabel: str, title: str,
+                            log: bool = False) -> None:
+    """A metric against the format's mantissa bits, one point per row (`mantissa_bits`, `exponent_bits`,
+    `emulated`, `format` and the `keys`), one colour per exponent width; filled markers: real dtypes, hollow:
+    emulated. `keys` maps a row key to its legend text (several keys: one marker shape each); each is joined by
+    a line through the per-bits means of the emulated 8-exponent-bit rows and float32. On a log axis a value of 0 is drawn at the
+    bottom as a downward triangle."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    widths = sorted({int(p["exponent_bits"]) for p in points}, reverse=True)
+    shapes = ("o", "s", "D", "^")
+    positive = [float(p[k]) for p in points for k in keys if np.isfinite(p[k]) and p[k] > 0]
+    floor = min(positive) / 3 if positive else 1e-12
+    for j, (key, text) in enumerate(keys.items()):
+        for i, e in enumerate(widths):
+            color = colors[i % len(colors)]
+            for emulated in (False, True):
+                rows = [p for p in points if p["exponent_bits"] == e and bool(p["emulated"]) == emulated]
+                if not rows:
+                    continue
+                x = np.array([p["mantissa_bits"] for p in rows], np.float64)
+                y = np.array([p[key] for p in rows], np.float64)
+                zero = log & (y <= 0)
+                ax.scatter(x[~zero], y[~zero], marker=shapes[j % len(shapes)], s=40, color=color,
+                           facecolors="none" if emulated else color,
+                           label=f"{text}: e{e} {'emulated' if emulated else 'real dtype'}")
+                if zero.any():
+                    ax.scatter(x[zero], np.full(int(zero.sum()), floor), marker="v", s=40, color=color,
+                               label=f"{text}: e{e}, exactly 0 (drawn at the bottom)")
+            family = [p for p in points if p["exponent_bits"] == e and (p["emulated"] or p["format"] == "float32")]
+            bits = sorted({p["mantissa_bits"] for p in family})
+            if e == 8 and len(bits) > 1:
+                means = [np.mean([p[key] for p in family if p["mantissa_bits"] == b]) for b in bits]
+                means = np.where(np.asarray(means) > 0, means, np.nan) if log else means
+                ax.plot(bits, means, color=color, lw=1, alpha=0.6)
+        for p in points:
+            if np.isfinite(p[key]) and (p[key] > 0 or not log):
+                ax.annotate(p["format"], (p["mantissa_bits"], p[key]), xytext=(3, 3), textcoords="offset points",
+                            fontsize=6, alpha=0.7)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("mantissa bits (stored, without the implicit one)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

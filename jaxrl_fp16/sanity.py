@@ -4,8 +4,10 @@ and every algorithm), with a report of what the precision did to the mismatch an
 Every number in the report is computed from the arms' own `metrics.jsonl` by `summarize_arm`:
     peak accuracy    max over iterations of the trailing 5-iteration mean of `reward/accuracy`
     final accuracy   mean `reward/accuracy` of the last 5 iterations
-    start / end      mean of a mismatch metric over the first / last 3 iterations
-    skipped steps    `skipped_steps` of the last line; wall time: sum of `time/iteration`
+    start / end      mean of a metric over the first / last 3 iterations (mismatch, accuracy, reward)
+    kl_k3 mean       mean `mismatch/kl_k3` over all iterations
+    skipped steps    `skipped_steps` of the last line; wall time: sum of `time/iteration`; seconds per
+                     iteration: the median `time/iteration` after the first (which compiles)
 
 `seed=N` seeds the whole experiment (`seed_overrides`): the tiny model's initialisation and the warm start as well
 as the RL prompt order and sampling, so each seed is an independent replicate with its own base model and
@@ -27,7 +29,7 @@ from jaxrl_fp16.config import load_config
 from jaxrl_fp16.rl.losses import LOSSES
 
 __all__ = ["Arm", "arms_for", "arm_configs", "run_sanity", "seed_overrides", "summarize_arm", "read_metrics",
-           "write_report"]
+           "write_report", "run_status", "train_arm"]
 
 SMOOTH = 5
 EDGE = 3
@@ -42,8 +44,9 @@ class Arm:
     algorithm: str
 
 
-def preset_path() -> str:
-    return str(resources.files("jaxrl_fp16") / "presets" / "sanity.yaml")
+def preset_path(name: str = "sanity") -> str:
+    """The packaged preset `presets/<name>.yaml`."""
+    return str(resources.files("jaxrl_fp16") / "presets" / f"{name}.yaml")
 
 
 def arms_for(quick: bool) -> list[Arm]:
@@ -66,11 +69,13 @@ def seed_overrides(overrides: Sequence[str]) -> list[str]:
 
 
 def arm_configs(arms: Sequence[Arm], *, sampler: str = "jax", overrides: Sequence[str] = (),
-                progress: bool = True) -> dict[str, Any]:
-    """Each arm's validated `RunConfig`: the preset, the arm's precision and algorithm, then `overrides`."""
-    return {arm.name: load_config(preset_path(), [f"precision={arm.precision}", f"loss.algorithm={arm.algorithm}",
-                                                  f"sampler.name={sampler}", f"log.progress={progress}",
-                                                  *seed_overrides(overrides)])
+                progress: bool = True, preset: str | None = None) -> dict[str, Any]:
+    """Each arm's validated `RunConfig`: the preset (`preset`, default the sanity preset), the arm's precision
+    and algorithm, then `overrides`."""
+    path = preset or preset_path()
+    return {arm.name: load_config(path, [f"precision={arm.precision}", f"loss.algorithm={arm.algorithm}",
+                                         f"sampler.name={sampler}", f"log.progress={progress}",
+                                         *seed_overrides(overrides)])
             for arm in arms}
 
 
@@ -81,6 +86,8 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 def summarize_arm(lines: Sequence[dict[str, Any]]) -> dict[str, float]:
     """The report's row for one arm, from its metrics lines (see the module docstring)."""
+    if not lines:
+        raise ValueError("summarize_arm: no metrics lines (the run logged no iteration)")
     acc = np.array([m["reward/accuracy"] for m in lines], np.float64)
     smooth = np.array([acc[max(0, i - SMOOTH + 1):i + 1].mean() for i in range(len(acc))])
 
@@ -88,25 +95,71 @@ def summarize_arm(lines: Sequence[dict[str, Any]]) -> dict[str, float]:
         values = np.array([m[key] for m in lines], np.float64)
         return float(values[-EDGE:].mean() if last else values[:EDGE].mean())
 
+    times = [m["time/iteration"] for m in lines]
+    losses = np.array([np.nan if m.get("loss") is None else m["loss"] for m in lines], np.float64)
     return {
         "iterations": len(lines),
         "accuracy_peak": float(smooth.max()),
         "accuracy_final": float(acc[-SMOOTH:].mean()),
+        "accuracy_start": edge("reward/accuracy", False),
+        "reward_mean_start": edge("reward/mean", False),
+        "reward_mean_end": edge("reward/mean", True),
+        "kl_k3_mean": float(np.mean([m["mismatch/kl_k3"] for m in lines])),
         "kl_k3_start": edge("mismatch/kl_k3", False),
         "kl_k3_end": edge("mismatch/kl_k3", True),
         "prob_abs_diff_mean_start": edge("mismatch/prob_abs_diff_mean", False),
         "prob_abs_diff_mean_end": edge("mismatch/prob_abs_diff_mean", True),
+        "loss_finite": bool(np.isfinite(losses).all()),
         "skipped_steps": int(lines[-1]["skipped_steps"]),
-        "wall_seconds": float(sum(m["time/iteration"] for m in lines)),
+        "wall_seconds": float(sum(times)),
+        "seconds_per_iteration": float(np.median(times[1:] if len(times) > 1 else times)),
     }
+
+
+def run_status(run_dir: str, iterations: int) -> str:
+    """Where the run in `run_dir` stands against `iterations`: "done" (a checkpoint of its last iteration and that
+    many metrics lines), "partial" (an earlier checkpoint: resumable), or "new" (no checkpoint).
+
+    Raises:
+      ValueError: the folder holds a checkpoint past `iterations` (another, longer run).
+    """
+    from jaxrl_fp16.checkpoint import Checkpointer
+    from jaxrl_fp16.rl.rundir import checkpoint_dir
+
+    ckpt = checkpoint_dir(run_dir)
+    if not (os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))):
+        return "new"
+    checkpointer = Checkpointer(ckpt)
+    try:
+        latest = checkpointer.latest()
+    finally:
+        checkpointer.close()
+    if latest is None:
+        return "new"
+    if latest > iterations:
+        raise ValueError(f"{run_dir}: checkpoint of iteration {latest} is past train.iterations={iterations} (a "
+                         f"longer run); choose another output folder")
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    lines = len(read_metrics(metrics)) if os.path.isfile(metrics) else 0
+    return "done" if latest == iterations and lines >= iterations else "partial"
+
+
+def train_arm(run: Any, run_dir: str, *, resume: bool = False) -> dict[str, Any]:
+    """Trains `run` into `run_dir` (continuing its latest checkpoint with `resume`); returns the prompt stats."""
+    from jaxrl_fp16.rl.trainer import Trainer
+
+    trainer = Trainer(run, run_dir, resume=resume)
+    try:
+        trainer.run()
+        return dict(trainer.prompt_stats)
+    finally:
+        trainer.close()
 
 
 def run_sanity(out: str, *, quick: bool = True, sampler: str = "jax", overrides: Sequence[str] = (),
                progress: bool = True) -> dict[str, Any]:
     """Runs the arms into `out/<arm>/` and writes `out/report.md`, `out/report.json` and the plots."""
     from tqdm.auto import tqdm
-
-    from jaxrl_fp16.rl.trainer import Trainer
 
     arms = arms_for(quick)
     configs = arm_configs(arms, sampler=sampler, overrides=overrides, progress=progress)  # all before any work
@@ -119,12 +172,7 @@ def run_sanity(out: str, *, quick: bool = True, sampler: str = "jax", overrides:
             import shutil
 
             shutil.rmtree(run_dir)  # a fresh experiment each time
-        trainer = Trainer(configs[arm.name], run_dir)
-        try:
-            trainer.run()
-            prompt_stats = trainer.prompt_stats
-        finally:
-            trainer.close()
+        prompt_stats = train_arm(configs[arm.name], run_dir)
         rows[arm.name] = {**dataclasses.asdict(arm), **summarize_arm(read_metrics(
             os.path.join(run_dir, "metrics.jsonl")))}
     first = configs[arms[0].name]

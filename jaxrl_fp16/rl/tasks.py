@@ -10,6 +10,7 @@ otherwise.
     reverse      "rev hello="          "olleh"                           3-8
     sort_digits  "sort 93151="         "11359"                           3-8
     count        "count 17 to 60:"     "17 18 19 ... 60"                 134-189 (long: mismatch grows with length)
+    digit_string "copy 4821...="       "4821..." (or reversed, or the running sum mod 10)  100 (partial credit)
     math         a reasoning-gym word problem and an instruction to box the answer; any reasoning that ends in
                  "\\boxed{answer}" (or whose last number is the answer), checked by `rewards.math_answers_equal`
 
@@ -37,7 +38,8 @@ import numpy as np
 
 from jaxrl_fp16.rl.rewards import clean_response, exact_match_reward, extract_final_answer, math_answers_equal
 
-__all__ = ["Problem", "Task", "Addition", "Reverse", "SortDigits", "Count", "MathWordProblems", "MATH_DATASETS",
+__all__ = ["Problem", "Task", "Addition", "Reverse", "SortDigits", "Count", "DigitString", "MathWordProblems",
+           "MATH_DATASETS", "DIGIT_MODES",
            "TASKS", "OptionError", "make_task", "score_responses", "pass_rates", "select_perfectible", "PerfectibleSet",
            "build_perfectible_set"]
 
@@ -301,6 +303,78 @@ class Count(_SyntheticTask):
         return len(" ".join(map(str, range(self.max_start, self.max_start + self.max_count))))
 
 
+DIGIT_MODES = ("copy", "reverse", "running_sum")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DigitString(_SyntheticTask):
+    """A long response with a dense reward: "copy 4821...=" -> "4821..." for a string of `min_len`..`max_len`
+    random digits (100 by default), in one of `DIGIT_MODES`: the string itself, reversed, or its running sum mod
+    10 ("running_sum 4821=" -> "4203").
+
+    Reward: 1.0 on an exact match; otherwise the fraction of correct characters over the longer of the response
+    and the answer (so a missing or an extra character costs as a wrong one). A character is correct when it
+    equals the answer's at its position (copy, reverse) or, for running_sum, when it is the response's own
+    previous digit (0 before the first) plus the input digit at its position, mod 10: one slip costs one
+    character, not the rest of the string. `partial_credit=False` gives the exact-match reward.
+    """
+
+    name: ClassVar[str] = "digit_string"
+    mode: str = "copy"
+    min_len: int = 100
+    max_len: int = 100
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_range(self.name, "min_len", self.min_len, "max_len", self.max_len, 1)
+        if self.mode not in DIGIT_MODES:
+            raise OptionError(f"{self.name}: mode must be one of {', '.join(DIGIT_MODES)}, got {self.mode!r}", "mode")
+
+    def _make(self, rng: random.Random) -> Problem:
+        s = "".join(rng.choices(string.digits, k=rng.randint(self.min_len, self.max_len)))
+        answer = digit_string_answer(self.mode, s)
+        return Problem(prompt=f"{self.mode} {s}=", answer=answer, reference=answer, metadata={"input": s})
+
+    def _score(self, problem: Problem, response_text: str) -> float:
+        got = clean_response(response_text)
+        if got == problem.answer:
+            return 1.0
+        if not self.partial_credit:
+            return 0.0
+        return digit_string_credit(self.mode, problem.metadata["input"], problem.answer, got)
+
+    @property
+    def max_response_chars(self) -> int:
+        return self.max_len
+
+
+def digit_string_answer(mode: str, digits: str) -> str:
+    """The answer of `DigitString` in `mode` to the digit string `digits`."""
+    if mode == "copy":
+        return digits
+    if mode == "reverse":
+        return digits[::-1]
+    total, out = 0, []
+    for c in digits:
+        total = (total + int(c)) % 10
+        out.append(str(total))
+    return "".join(out)
+
+
+def digit_string_credit(mode: str, digits: str, answer: str, got: str) -> float:
+    """`DigitString`'s partial credit: correct characters of `got` over max(len(got), len(answer))."""
+    width = max(len(got), len(answer))
+    if not width:
+        return 0.0
+    if mode != "running_sum":
+        return sum(a == b for a, b in zip(got, answer)) / width
+    correct, previous = 0, 0
+    for c, d in zip(got, digits):
+        correct += c.isdigit() and int(c) == (previous + int(d)) % 10
+        previous = int(c) if c.isdigit() else previous
+    return correct / width
+
+
 _MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -373,6 +447,7 @@ class MathWordProblems(_TaskBase):
 TASKS: dict[str, Callable[..., Task]] = {
     cls.name: cls for cls in (Addition, Reverse, SortDigits, Count, MathWordProblems)
 }
+TASKS[DigitString.name] = DigitString  # the long-response task with partial credit (precision sweep's long arm)
 
 
 def make_task(name: str, **options: Any) -> Task:
