@@ -17,7 +17,8 @@ from jaxrl_fp16.config import ConfigError, load_config
 from jaxrl_fp16.loss_scale import NoOpLossScale
 from jaxrl_fp16.models.decoder import CausalLM, token_logprobs
 from jaxrl_fp16.rl.dpo import DPO_DIAG_NAMES, DPOLossConfig, dpo_loss, dpo_loss_from_tokens
-from jaxrl_fp16.rl.dpo_trainer import DPOTrainer, batch_rows
+from jaxrl_fp16.rl.dpo_trainer import DPOTrainer
+from jaxrl_fp16.rl.order import epoch_slice
 from jaxrl_fp16.rl.preferences import corrupt_answer, make_preference_pairs, split_pairs, tokenize_pairs
 from jaxrl_fp16.rl.tasks import make_task
 from jaxrl_fp16.step import TrainState, make_train_step
@@ -195,10 +196,10 @@ def test_tokenized_pairs_mask_the_responses_and_eos():
 
 
 def test_batches_walk_through_every_pair_once_per_epoch():
-    rows = np.concatenate([batch_rows(96, 32, s, seed=1) for s in range(3)])
+    rows = np.concatenate([epoch_slice(96, 32, s, seed=1) for s in range(3)])
     assert sorted(rows) == list(range(96))
-    np.testing.assert_array_equal(batch_rows(96, 32, 4, seed=1), batch_rows(96, 32, 4, seed=1))
-    assert set(batch_rows(96, 32, 3, seed=1)) != set(rows[:32])  # a new permutation each epoch
+    np.testing.assert_array_equal(epoch_slice(96, 32, 4, seed=1), epoch_slice(96, 32, 4, seed=1))
+    assert set(epoch_slice(96, 32, 3, seed=1)) != set(rows[:32])  # a new permutation each epoch
 
 
 # ----- through the real model -----------------------------------------------------------------------------------
@@ -419,3 +420,11 @@ def test_allowed_changes_are_recorded_and_a_broken_checkpoint_falls_back(cache_d
     with open(os.path.join(run_dir, "config_changes.jsonl")) as f:  # checked against checkpoint 8's config
         assert [json.loads(x)["iteration"] for x in f] == [8, 8]
     assert read_bytes(os.path.join(run_dir, "hf", "model.safetensors")) == extended  # the same steps again
+
+
+def test_epoch_slice_visits_every_item_once_per_epoch_and_rejects_bad_sizes():
+    seen = np.concatenate([epoch_slice(10, 7, s, seed=5) for s in range(10)])  # 70 positions: 7 epochs of 10
+    for e in range(7):
+        assert sorted(seen[10 * e:10 * (e + 1)]) == list(range(10))
+    with pytest.raises(ValueError, match="n=0"):
+        epoch_slice(0, 4, 0, seed=0)

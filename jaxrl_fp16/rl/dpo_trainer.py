@@ -33,6 +33,7 @@ from jaxrl_fp16.config import ConfigError, RunConfig
 from jaxrl_fp16.models.decoder import CausalLM, token_logprobs
 from jaxrl_fp16.models.hf import load_hf_params, save_hf_params
 from jaxrl_fp16.rl.dpo import DPO_DIAG_NAMES, dpo_loss, sequence_logps
+from jaxrl_fp16.rl.order import epoch_slice
 from jaxrl_fp16.rl.preferences import PairArrays, split_pairs, tokenize_pairs
 from jaxrl_fp16.rl.sft import ensure_base_model
 from jaxrl_fp16.rl.tasks import make_task
@@ -42,7 +43,7 @@ from jaxrl_fp16.rl.rundir import (SILENT_CHANGES, Interrupted, MetricsLog, Resum
 from jaxrl_fp16.rl.trainer import make_loss_scale, make_optimizer
 from jaxrl_fp16.step import TrainState, make_train_step
 
-__all__ = ["DPOTrainer", "batch_rows", "pair_logps"]
+__all__ = ["DPOTrainer", "pair_logps"]
 
 log = logging.getLogger(__name__)
 _EVAL_BATCH = 128  # pairs per scoring call (a fixed shape: one compiled program)
@@ -57,14 +58,6 @@ def pair_logps(model: CausalLM, params: Any, tokens_Nx2xT: jax.Array, attention_
     logp_MxT = token_logprobs(model, params, tokens_Nx2xT.reshape(N * two, T),
                               attention_mask_Nx2xT.reshape(N * two, T))
     return sequence_logps(logp_MxT, response_mask_Nx2xT.reshape(N * two, T)).reshape(N, two)
-
-
-def batch_rows(num_pairs: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-    """Pair indices of optimizer step `step`: successive slices of per-epoch permutations (a pure function)."""
-    positions = np.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, offsets = np.divmod(positions, num_pairs)
-    perms = {int(e): np.random.default_rng([seed, int(e)]).permutation(num_pairs) for e in np.unique(epochs)}
-    return np.asarray([perms[int(e)][o] for e, o in zip(epochs, offsets)])
 
 
 def _check_supported(run: RunConfig) -> None:
@@ -169,7 +162,7 @@ class DPOTrainer:
         """One optimizer step on the pairs of `step`; returns its metrics."""
         d = self.run_cfg.dpo
         t0 = time.perf_counter()
-        rows = batch_rows(len(self.train_data), d.batch_size, step, d.seed)
+        rows = epoch_slice(len(self.train_data), d.batch_size, step, d.seed)
         poison = float(int(self.state.step) in self.run_cfg.debug.inject_overflow_steps)
         batch = {**self.train_data.take(rows), "ref_logps": self.ref_train[rows],
                  "poison": np.full((len(rows),), poison, np.float32)}

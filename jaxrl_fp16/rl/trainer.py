@@ -42,6 +42,7 @@ from jaxrl_fp16.models.hf import load_hf_params, save_hf_params
 from jaxrl_fp16.rl import ppo
 from jaxrl_fp16.rl.advantages import group_advantages
 from jaxrl_fp16.rl.losses import LossInputs, compute_loss
+from jaxrl_fp16.rl.order import epoch_slice
 from jaxrl_fp16.rl.prompts import build_prompt_set, rollout_rewards
 from jaxrl_fp16.rl.rundir import (SILENT_CHANGES, Interrupted, MetricsLog, ResumeOptions, StopSignals, begin_resume,
                                   checkpoint_config, checkpoint_dir, config_dict, finish_resume, refuse_overwrite,
@@ -54,7 +55,7 @@ from jaxrl_fp16.scoring import Scorer, bucket_width
 from jaxrl_fp16.step import TrainState, make_train_step
 
 __all__ = ["RL_SILENT_CHANGES", "Trainer", "export_checkpoint", "make_loss_scale", "make_optimizer",
-           "prompt_indices", "rollout_arrays", "rollout_span", "resolved_loss_scale_kind"]
+           "rollout_arrays", "rollout_span", "resolved_loss_scale_kind"]
 
 log = logging.getLogger(__name__)
 # Config keys a resume of an RL run takes without asking: SILENT_CHANGES, and the DPO section it does not read.
@@ -156,16 +157,6 @@ def _memory_estimate(run: RunConfig, model_cfg, params: Any, mesh, compute, seq_
     log.info("mesh %s; training memory estimate: %s", dict(sizes), estimate.describe())
     check_fits(estimate, device_bytes_limit(mesh.devices.flat))
     return estimate
-
-
-def prompt_indices(num_prompts: int, per_iteration: int, iteration: int, seed: int) -> np.ndarray:
-    """Prompt indices of an iteration: successive slices of per-epoch permutations (a pure function)."""
-    start = iteration * per_iteration
-    out = []
-    for pos in range(start, start + per_iteration):
-        epoch, offset = divmod(pos, num_prompts)
-        out.append(np.random.default_rng([seed, epoch]).permutation(num_prompts)[offset])
-    return np.asarray(out)
 
 
 def _pad_left(x: np.ndarray, width: int, value: Any = 0) -> np.ndarray:
@@ -297,7 +288,7 @@ class Trainer:
     def iteration(self, it: int) -> dict[str, Any]:
         run = self.run_cfg
         t0 = time.perf_counter()
-        idx = prompt_indices(len(self.problems), run.train.prompts_per_iteration, it, run.seed)
+        idx = epoch_slice(len(self.problems), run.train.prompts_per_iteration, it, run.seed)
         problems = [self.problems[i] for i in idx]
         settings = run.sampler.settings(run.train.samples_per_prompt, seed=run.seed * 1_000_003 + it)
         # Several processes: each samples its block of prompts (whole groups) with those rows' random streams,

@@ -113,27 +113,27 @@ def packed_shards(packed_modules_mapping: Mapping[str, Iterable[str]]) -> dict[s
 
 
 def layer_layout(module: Any) -> LayerLayout:
-    """The `LayerLayout` of a vLLM module (QKV, merged, column/row-parallel linear, vocabulary embedding, other)."""
-    from vllm.model_executor.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
-                                                   QKVParallelLinear, RowParallelLinear)
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    """The `LayerLayout` of a vLLM module (QKV, merged, column/row-parallel linear, vocabulary embedding, other).
 
+    The kind is read from the names of the module's classes (vLLM's `QKVParallelLinear`, ... and their
+    subclasses), so that vllm stays imported by `vllm_sampler` alone."""
+    classes = {c.__name__ for c in type(module).__mro__}
     rank, size = int(getattr(module, "tp_rank", 0)), int(getattr(module, "tp_size", 1))
-    if isinstance(module, QKVParallelLinear):
+    if "QKVParallelLinear" in classes:
         kv_rank = rank // int(module.num_kv_head_replicas)
         return LayerLayout(kind="qkv", tp_rank=rank, tp_size=size,
                            shard_sizes=(module.num_heads * module.head_size, module.num_kv_heads * module.head_size,
                                         module.num_kv_heads * module.v_head_size),
                            shard_ranks=(rank, kv_rank, kv_rank))
-    if isinstance(module, MergedColumnParallelLinear):
+    if "MergedColumnParallelLinear" in classes:
         sizes = tuple(int(s) // size for s in module.output_sizes)
         return LayerLayout(kind="merged", tp_rank=rank, tp_size=size, shard_sizes=sizes,
                            shard_ranks=(rank,) * len(sizes))
-    if isinstance(module, ColumnParallelLinear):
+    if "ColumnParallelLinear" in classes:
         return LayerLayout(kind="column", tp_rank=rank, tp_size=size, part=int(module.output_size_per_partition))
-    if isinstance(module, RowParallelLinear):
+    if "RowParallelLinear" in classes:
         return LayerLayout(kind="row", tp_rank=rank, tp_size=size, part=int(module.input_size_per_partition))
-    if isinstance(module, VocabParallelEmbedding):
+    if "VocabParallelEmbedding" in classes:
         indices = module.shard_indices
         return LayerLayout(kind="vocab", tp_rank=rank, tp_size=size,
                            vocab=(int(indices.org_vocab_start_index), int(indices.org_vocab_end_index)))
