@@ -65,10 +65,12 @@ def test_changes_that_alter_the_course_are_refused_naming_the_keys():
 def test_keys_that_leave_the_course_change_silently():
     reference = config_dict(load_config(TINY, BASE))
     extended = load_config(TINY, [*BASE, "train.iterations=12", "log.tensorboard=false", "checkpoint.keep=5",
-                                  "checkpoint.every=3", "checkpoint.export_hf=false", "dpo.beta=0.3"])
+                                  "checkpoint.every=3", "checkpoint.export_hf=false", "dpo.beta=0.3",
+                                  "train.score_memory_gib=0.5"])
     assert check_changes(reference, extended, ResumeOptions(), RL_SILENT_CHANGES) == {
         "checkpoint.every": [20, 3], "checkpoint.export_hf": [True, False], "checkpoint.keep": [2, 5],
-        "dpo.beta": [0.1, 0.3], "log.tensorboard": [True, False], "train.iterations": [6, 12]}
+        "dpo.beta": [0.1, 0.3], "log.tensorboard": [True, False], "train.iterations": [6, 12],
+        "train.score_memory_gib": [2.0, 0.5]}
     # DPO does not read the RL sections, the RL loop not the DPO one.
     rl_only = load_config(TINY, [*BASE, "loss.algorithm=gspo", "sampler.max_new_tokens=5"])
     assert set(check_changes(reference, rl_only, ResumeOptions(), DPO_SILENT_CHANGES)) == {

@@ -36,7 +36,8 @@ RESUMED_CONFIG_FILE = "config.resumed.yaml"
 CHANGES_FILE = "config_changes.jsonl"
 # Keys whose change leaves the trajectory as it was: a resume takes them without asking (a section allows its keys).
 SILENT_CHANGES = ("train.iterations", "dpo.steps", "log", "checkpoint.every", "checkpoint.keep",
-                  "checkpoint.export_hf", "checkpoint.export_dtype", "distributed")  # any process layout
+                  "checkpoint.export_hf", "checkpoint.export_dtype", "distributed",  # any process layout
+                  "train.score_memory_gib")  # the scorer's batch split: its log-probs do not depend on it
 
 
 def checkpoint_dir(run_dir: str) -> str:
