@@ -7,14 +7,20 @@
 # Requires bash >= 5.1.
 #   scripts/launch.sh 2 configs/tiny_fp32.yaml --run-dir runs/two mesh.data=2 mesh.fsdp=4
 # On a CPU, give each process its devices: XLA_FLAGS=--xla_force_host_platform_device_count=4.
-# $JAXRL is the command (default: jaxrl-fp16).
+# $JAXRL is the command (default: jaxrl-fp16 on the PATH, else the checkout's .venv/bin/jaxrl-fp16).
 set -uo pipefail
 n=${1:?usage: scripts/launch.sh N CONFIG [args ...]}
 config=${2:?usage: scripts/launch.sh N CONFIG [args ...]}
 shift 2
 case $n in '' | *[!0-9]* | 0) echo "scripts/launch.sh: N must be a positive integer, got '$n'" >&2; exit 2 ;; esac
-JAXRL=${JAXRL:-jaxrl-fp16}
-PYTHON=${PYTHON:-python3}
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -z ${JAXRL:-} ]]; then  # on the PATH, else the checkout's .venv (make install)
+  if command -v jaxrl-fp16 >/dev/null; then JAXRL=jaxrl-fp16
+  elif [[ -x $root/.venv/bin/jaxrl-fp16 ]]; then JAXRL=$root/.venv/bin/jaxrl-fp16
+  else echo "scripts/launch.sh: no jaxrl-fp16 on the PATH nor in $root/.venv (make install, or set JAXRL)" >&2; exit 2
+  fi
+fi
+if [[ -z ${PYTHON:-} ]]; then PYTHON=python3; [[ -x $root/.venv/bin/python ]] && PYTHON=$root/.venv/bin/python; fi
 port=${JAXRL_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')}
 
 fifos=$(mktemp -d)  # one pipe per process, to its output filter

