@@ -146,9 +146,9 @@ def override_gap_plot(tables: Mapping[str, list[dict]], path: str,
     for rows in tables.values():
         order += [r["override"] for r in rows if r["override"] not in order and r["override"] != "baseline"]
         base = next((r["fp32_ops"] for r in rows if r["override"] == "baseline"), None)
-        in_baseline |= {r["override"] for r in rows if r["override"] not in ("baseline", "all", "none")
+        in_baseline |= {r["override"] for r in rows if r["override"] not in ("baseline", "all", "none", "scale_q")
                         and r["fp32_ops"] == base}
-    preferred = ["none", "norm", "softmax", "attn_scores", "lm_head", "rope", "residual", "all"]
+    preferred = ["none", "norm", "softmax", "attn_scores", "lm_head", "rope", "residual", "all", "scale_q"]
     order = [o for o in preferred if o in order] + [o for o in order if o not in preferred]
     ticks = [f"{o}\n(already FP32)" if o in in_baseline else o for o in order]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

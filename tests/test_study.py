@@ -1,6 +1,7 @@
 """Precision study tools: the replayed inference path, per-layer drift, the op-class override table, mismatch
 against the response position, and the written report, on a tiny random model with sharpened outputs."""
 
+import dataclasses
 import json
 import os
 
@@ -105,7 +106,7 @@ def test_layer_drift_zero_in_fp32_rounding_larger_in_bf16_than_fp16(model, rollo
 def test_override_table_rows_and_baseline_consistency(model, rollout, report):
     cfg, params = model
     rows = report[1]["dtypes"]["bfloat16"]["overrides"]
-    assert sorted(r["override"] for r in rows) == sorted(["baseline", "none", "all", *study.OP_CLASSES])
+    assert sorted(r["override"] for r in rows) == sorted(["baseline", "none", "all", "scale_q", *study.OP_CLASSES])
     for row in rows:
         for key in ("kl_k3", "prob_abs_diff_mean", "kl_k3_gap_closed", "prob_abs_diff_mean_gap_closed"):
             assert np.isfinite(row[key]), (row["override"], key)
@@ -121,6 +122,9 @@ def test_override_table_rows_and_baseline_consistency(model, rollout, report):
         assert by[name]["kl_k3"] == by["baseline"]["kl_k3"]
     assert by["all"]["fp32_ops"] == ",".join(study.OP_CLASSES) and by["none"]["fp32_ops"] == "-"
     assert by["all"]["kl_k3"] < by["none"]["kl_k3"]  # only matmul and weight rounding remain in "all"
+    # scale_q reorders the scaling (both paths): no op class moves to FP32.
+    assert by["scale_q"]["fp32_ops"] == by["baseline"]["fp32_ops"]
+    assert "scale_q" not in study.override_variants(dataclasses.replace(Numerics(), scale_q=True))
     for row in rows:
         assert row["kl_k3_gap_closed"] == pytest.approx(1 - row["kl_k3"] / by["baseline"]["kl_k3"])
     assert [r["kl_k3_gap_closed"] for r in rows] == sorted((r["kl_k3_gap_closed"] for r in rows), reverse=True)
@@ -131,12 +135,13 @@ def test_override_table_rows_and_baseline_consistency(model, rollout, report):
 
 def test_override_variants():
     variants = study.override_variants()
-    assert list(variants) == ["baseline", "none", *study.OP_CLASSES, "all"]
+    assert list(variants) == ["baseline", "none", *study.OP_CLASSES, "all", "scale_q"]
     for name in study.OP_CLASSES:
         assert variants[name] == Numerics.from_overrides(name)
     assert variants["all"] == Numerics.all_f32() and variants["baseline"] == Numerics()
+    assert variants["scale_q"] == dataclasses.replace(Numerics(), scale_q=True)
     assert study.fp32_ops(variants["none"]) == "-"
-    assert list(study.override_variants(op_classes=["lm_head"])) == ["baseline", "none", "lm_head", "all"]
+    assert list(study.override_variants(op_classes=["lm_head"])) == ["baseline", "none", "lm_head", "all", "scale_q"]
     with pytest.raises(ValueError, match="unknown op class"):
         study.override_variants(op_classes=["matmul"])
 

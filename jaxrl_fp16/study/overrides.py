@@ -8,6 +8,9 @@ The tokens never change, so a row differs from the baseline only through numeric
     none       every op class in D
     <class>    the baseline plus that op class in FP32 (equal to the baseline for a class it already has)
     all        every op class in FP32: what remains comes from the matmuls and the weights' rounding to D
+    scale_q    the baseline with q scaled before q.k^T (`Numerics.scale_q`, the order of the GPU engines' fused
+               kernels up to their FP32 scores) instead of the unscaled product rounded to D, then scaled
+               (transformers' eager order); left out when the baseline already scales q
 
     gap_closed = 1 - metric(variant) / metric(baseline)   (1: mismatch gone; 0: no effect; < 0: worse)
 """
@@ -26,9 +29,10 @@ from jaxrl_fp16.sampling.base import Rollout
 from jaxrl_fp16.scoring import Scorer
 from jaxrl_fp16.study import paths
 
-__all__ = ["OP_CLASSES", "override_variants", "override_table", "best_override", "fp32_ops"]
+__all__ = ["OP_CLASSES", "SCALE_Q", "override_variants", "override_table", "best_override", "fp32_ops"]
 
 OP_CLASSES: tuple[str, ...] = Numerics.op_classes()
+SCALE_Q = "scale_q"  # the variant that reorders the attention scaling (not an op class: nothing moves to FP32)
 GAP_METRICS = ("kl_k3", "prob_abs_diff_mean")
 _REPORTED = ("kl_k3", "prob_abs_diff_mean", "prob_abs_diff_max", "seq_log_ratio_abs_mean")
 
@@ -41,7 +45,8 @@ def fp32_ops(numerics: Numerics) -> str:
 
 def override_variants(base: Numerics = Numerics(),
                       op_classes: Sequence[str] | None = None) -> dict[str, Numerics]:
-    """Variant name -> numerics: baseline, none, each op class added to the baseline, all."""
+    """Variant name -> numerics: baseline, none, each op class added to the baseline, all, and scale_q (the
+    baseline scaling q before q.k^T) unless the baseline already does."""
     classes = OP_CLASSES if op_classes is None else tuple(op_classes)
     unknown = [c for c in classes if c not in OP_CLASSES]
     if unknown:
@@ -49,6 +54,8 @@ def override_variants(base: Numerics = Numerics(),
     variants = {"baseline": base, "none": Numerics(**{f"{c}_f32": False for c in OP_CLASSES}, emulate=base.emulate)}
     variants.update({c: dataclasses.replace(base, **{f"{c}_f32": True}) for c in classes})
     variants["all"] = dataclasses.replace(Numerics.all_f32(), emulate=base.emulate)
+    if not base.scale_q:
+        variants[SCALE_Q] = dataclasses.replace(base, scale_q=True)
     return variants
 
 
