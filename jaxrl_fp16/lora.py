@@ -29,13 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_fp16.config import ConfigError
 from jaxrl_fp16.models.config import ModelConfig
 from jaxrl_fp16.models.hf_table import HF_TABLE, expected_params_shapes
 from jaxrl_fp16.precision import Policy
+from jaxrl_fp16.validation import ConfigError, check_fields
 
-__all__ = ["LORA_TARGETS", "LoRASpec", "LoRA", "target_paths", "init_adapters", "merge_params", "export_params",
-           "adapter_count"]
+__all__ = ["LORA_TARGETS", "LoRASection", "LoRASpec", "LoRA", "target_paths", "init_adapters", "merge_params",
+           "export_params", "adapter_count"]
 
 _A, _B = "lora_a", "lora_b"
 
@@ -72,6 +72,25 @@ class LoRASpec:
     @property
     def scale(self) -> float:
         return float(self.alpha) / self.rank
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRASection:
+    """Low-rank adapters (`jaxrl_fp16.lora`): only the adapters train (FP32 masters), the base stays frozen in the
+    compute dtype; targets are Hugging Face module names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+    down_proj). The run config's `lora: null` (the default) trains every parameter."""
+
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def __post_init__(self):
+        check_fields(self, "lora")
+        self.spec()  # validates rank, alpha and the target names
+
+    def spec(self) -> LoRASpec:
+        """The `LoRASpec` of this section."""
+        return LoRASpec(rank=self.rank, alpha=self.alpha, targets=tuple(self.targets))
 
 
 def target_paths(targets: Sequence[str]) -> dict[str, tuple[str, ...]]:

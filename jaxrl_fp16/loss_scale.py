@@ -6,6 +6,8 @@ The dynamic scale follows PyTorch's GradScaler: it backs off on overflow and gro
 
 Every run-time value (the scale, the counter, and the constants period / factor / min / max) is a pytree leaf,
 so a jitted step never recompiles when any of them changes, and all of them survive `jax.jit` unchanged.
+
+`LossScaleSection` (the run config's `loss_scale`) builds the scale every trainer starts from (RL, SFT, DPO).
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-__all__ = ["NoOpLossScale", "StaticLossScale", "DynamicLossScale", "LossScale", "all_finite", "select_tree"]
+from jaxrl_fp16.emulation import FloatFormat
+from jaxrl_fp16.validation import ConfigError, check_fields, check_positive
+
+__all__ = ["NoOpLossScale", "StaticLossScale", "DynamicLossScale", "LossScale", "all_finite", "select_tree",
+           "LossScaleSection", "LOSS_SCALE_KINDS", "AUTO_SCALE_MAX_EXPONENT_BITS"]
 
 _PY_NUMBERS = (bool, int, float, np.generic, np.ndarray)
 
@@ -187,3 +193,65 @@ class DynamicLossScale:
 
 
 LossScale = Union[NoOpLossScale, StaticLossScale, DynamicLossScale]
+
+
+LOSS_SCALE_KINDS = ("auto", "dynamic", "static", "none")
+# An emulated format with this many exponent bits or fewer underflows small gradients as FP16 (e5m10) does.
+AUTO_SCALE_MAX_EXPONENT_BITS = 5
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_INT32_MAX = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossScaleSection:
+    """`auto`: dynamic scaling when the compute dtype is float16 or `model.emulate` has at most 5 exponent bits
+    (e5m10, e5m2, e4m3: gradients underflow as in FP16), none otherwise (PyTorch GradScaler's defaults but growth
+    every 400 steps, as in the reference runs)."""
+
+    kind: str = "auto"
+    init_scale: float = 2.0 ** 16
+    period: int = 400
+    factor: float = 2.0
+    min_scale: float = 1.0
+    max_scale: float = 2.0 ** 24
+
+    def __post_init__(self):
+        check_fields(self, "loss_scale")
+        if self.kind not in LOSS_SCALE_KINDS:
+            raise ConfigError(f"loss_scale.kind={self.kind!r}; valid: {', '.join(LOSS_SCALE_KINDS)}")
+        check_positive("loss_scale", init_scale=self.init_scale, period=self.period, min_scale=self.min_scale,
+                       max_scale=self.max_scale)
+        for name in ("init_scale", "min_scale", "max_scale", "factor"):
+            if getattr(self, name) > _FLOAT32_MAX:  # the loss scale state is float32
+                raise ConfigError(f"loss_scale.{name}={getattr(self, name)} overflows float32 (max "
+                                  f"{_FLOAT32_MAX:.4g})")
+        if self.period > _INT32_MAX:
+            raise ConfigError(f"loss_scale.period={self.period} overflows int32 (max {_INT32_MAX})")
+        if self.kind in ("auto", "dynamic"):  # auto is dynamic for float16 compute
+            if not self.factor > 1:
+                raise ConfigError(f"loss_scale.factor must be > 1 for a dynamic loss scale (loss_scale.kind="
+                                  f"{self.kind}), got {self.factor}")
+            if not self.min_scale <= self.init_scale <= self.max_scale:
+                raise ConfigError(f"loss_scale: need min_scale <= init_scale <= max_scale for a dynamic loss scale "
+                                  f"(loss_scale.kind={self.kind}), got loss_scale.min_scale={self.min_scale}, "
+                                  f"loss_scale.init_scale={self.init_scale}, loss_scale.max_scale={self.max_scale}")
+
+    def resolved_kind(self, compute_dtype: Any, float_format: FloatFormat | None = None) -> str:
+        """`kind`, with `auto` resolved: dynamic when the emulated format `float_format` (if any) has at most
+        `AUTO_SCALE_MAX_EXPONENT_BITS` exponent bits (e5m10, e5m2, e4m3), else when `compute_dtype` is float16;
+        none otherwise."""
+        if self.kind != "auto":
+            return self.kind
+        if float_format is not None:
+            return "dynamic" if float_format.exponent_bits <= AUTO_SCALE_MAX_EXPONENT_BITS else "none"
+        return "dynamic" if compute_dtype == np.float16 else "none"
+
+    def build(self, compute_dtype: Any, float_format: FloatFormat | None = None) -> LossScale:
+        """The initial loss scale of a step computing in `compute_dtype` (or in the emulated `float_format`)."""
+        kind = self.resolved_kind(compute_dtype, float_format)
+        if kind == "dynamic":
+            return DynamicLossScale(loss_scale=self.init_scale, period=self.period, factor=self.factor,
+                                    min_loss_scale=self.min_scale, max_loss_scale=self.max_scale)
+        if kind == "static":
+            return StaticLossScale(self.init_scale)
+        return NoOpLossScale()

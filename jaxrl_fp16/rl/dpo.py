@@ -32,7 +32,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-__all__ = ["DPO_DIAG_NAMES", "DPO_LOSSES", "DPOLossConfig", "dpo_loss", "dpo_loss_from_tokens", "sequence_logps"]
+from jaxrl_fp16.validation import ConfigError, check_fields, check_positive
+
+__all__ = ["DPO_DIAG_NAMES", "DPO_LOSSES", "DPOLossConfig", "DPOSection", "dpo_loss", "dpo_loss_from_tokens",
+           "sequence_logps"]
 
 Array = jax.Array
 
@@ -75,6 +78,40 @@ class DPOLossConfig:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.loss_type == "ipo" and self.label_smoothing:
             raise ValueError("label_smoothing applies to loss_type 'sigmoid' only, not to 'ipo'")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPOSection:
+    """Offline preference optimisation (`jaxrl-fp16 dpo`) on pairs made from the task's problems (the correct
+    answer against a near miss); the frozen reference is the base model. `precision`, `optim`, `loss_scale` and
+    `checkpoint` (its `every` counts optimizer steps) are shared with RL training."""
+
+    loss_type: str = "sigmoid"  # sigmoid (DPO, cDPO with label_smoothing) or ipo
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    num_pairs: int = 2048  # training pairs; the data cycles through per-epoch permutations
+    eval_pairs: int = 256  # held-out pairs (prompts never trained on)
+    steps: int = 200  # optimizer steps
+    batch_size: int = 32  # pairs per optimizer step
+    microbatches: int = 1  # gradient accumulation inside each step
+    eval_every: int = 20  # steps between held-out evaluations (also at the start and the end)
+    seed: int = 0  # pair generation and data order
+
+    def __post_init__(self):
+        check_fields(self, "dpo")
+        check_positive("dpo", num_pairs=self.num_pairs, eval_pairs=self.eval_pairs, steps=self.steps,
+                       batch_size=self.batch_size, microbatches=self.microbatches, eval_every=self.eval_every)
+        if self.batch_size % self.microbatches:
+            raise ConfigError(f"dpo.batch_size={self.batch_size} does not split into "
+                              f"dpo.microbatches={self.microbatches}")
+        try:
+            self.loss_config()
+        except ValueError as e:
+            raise ConfigError(f"dpo.{e}") from None
+
+    def loss_config(self) -> DPOLossConfig:
+        """The `DPOLossConfig` of this section."""
+        return DPOLossConfig(loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing)
 
 
 def sequence_logps(logp_BxT: Array, mask_BxT: Array) -> Array:

@@ -21,10 +21,35 @@ import numpy as np
 from jaxrl_fp16 import multiprocess
 from jaxrl_fp16.rl.tasks import Problem, pass_rates, score_responses, select_perfectible
 from jaxrl_fp16.sampling import JaxSampler
+from jaxrl_fp16.validation import ConfigError, check_fields, check_positive
 
-__all__ = ["build_prompt_set", "rollout_rewards"]
+__all__ = ["PerfectibleSection", "build_prompt_set", "rollout_rewards"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PerfectibleSection:
+    """Keep prompts the base model solves with a pass rate in [low, high] (the paper: 20%-80%)."""
+
+    enabled: bool = True
+    low: float = 0.2
+    high: float = 0.8
+    samples_per_prompt: int = 8
+    max_prompts: int = 256
+    # "jax": the built-in sampler in FP32 (embedded; the same prompts for every precision arm).
+    # "run": the run's own sampler (e.g. vLLM on a GPU host, for large models); the set is cached on first use
+    # and shared by later arms.
+    sampler: str = "jax"
+
+    def __post_init__(self):
+        check_fields(self, "perfectible")
+        if self.sampler not in ("jax", "run"):
+            raise ConfigError(f"perfectible.sampler={self.sampler!r}; valid: jax, run")
+        if not 0 <= self.low <= self.high <= 1:
+            raise ConfigError(f"perfectible.low/high must satisfy 0 <= low <= high <= 1, got {self.low}, "
+                              f"{self.high}")
+        check_positive("perfectible", samples_per_prompt=self.samples_per_prompt, max_prompts=self.max_prompts)
 
 
 def rollout_rewards(task: Any, problems: list[Problem], tokenizer: Any, rollout: Any) -> np.ndarray:

@@ -1,31 +1,146 @@
 """Supervised warm start: teach a (tiny) model a task's reference responses with the one mixed-precision step,
 so that RL starts from a base model that solves part of the task. Also builds and caches the base model that
-a run config describes (`ensure_base_model`).
+a run config describes (`ensure_base_model`), and defines the run config's `model` section (`ModelSection`, with
+its `tiny` model and `warm_start`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrl_fp16.loss_scale import DynamicLossScale, NoOpLossScale
+from jaxrl_fp16 import multiprocess
+from jaxrl_fp16.loss_scale import LossScaleSection
+from jaxrl_fp16.models.config import Numerics
 from jaxrl_fp16.models.decoder import CausalLM, token_logprobs
-from jaxrl_fp16.models.hf import load_hf_params, save_hf_params
+from jaxrl_fp16.models.hf import load_hf_params, load_tokenizer, save_hf_params
+from jaxrl_fp16.models.tiny import EOS_TOKEN, PAD_TOKEN, make_tiny
+from jaxrl_fp16.outputs import check_output_dir
 from jaxrl_fp16.precision import get_policy
 from jaxrl_fp16.step import TrainState, make_train_step
+from jaxrl_fp16.validation import (ConfigError, call_checked, check_choice, check_fields, check_non_negative,
+                                   check_positive)
 
-__all__ = ["run_sft", "ensure_base_model", "sft_examples"]
+__all__ = ["ModelSection", "TinyModelConfig", "SFTSection", "run_sft", "ensure_base_model", "sft_examples",
+           "SFT_LOSS_SCALE", "ATTENTION_CHOICES", "REMAT_CHOICES"]
 
 log = logging.getLogger(__name__)
+
+ATTENTION_CHOICES = ("auto", "dense", "blockwise", "cudnn")
+REMAT_CHOICES = ("auto", "none", "full", "dots")
+# The warm start's loss scale: dynamic for float16 compute (from 2^15, growing every 200 finite steps), else none.
+SFT_LOSS_SCALE = LossScaleSection(init_scale=2.0 ** 15, period=200)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TinyModelConfig:
+    """A tiny random model built locally when `model.path` is not set (see `jaxrl-fp16 make-tiny`)."""
+
+    arch: str = "qwen2"
+    vocab_size: int = 320
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 512
+    tie_word_embeddings: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        check_fields(self, "model.tiny")
+        if self.arch not in ("qwen2", "qwen3", "llama"):
+            raise ConfigError(f"model.tiny.arch={self.arch!r}; valid: qwen2, qwen3, llama")
+        check_positive("model.tiny", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                       intermediate_size=self.intermediate_size, num_layers=self.num_layers, num_heads=self.num_heads,
+                       num_kv_heads=self.num_kv_heads, max_position_embeddings=self.max_position_embeddings)
+        tokens = 256 + len((EOS_TOKEN, PAD_TOKEN))  # the character tokenizer: one token per byte, EOS and PAD
+        if self.vocab_size < tokens:
+            raise ConfigError(f"model.tiny.vocab_size={self.vocab_size} is smaller than the tokenizer's {tokens} "
+                              f"tokens")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise ConfigError(f"model.tiny.hidden_size={self.hidden_size} must be num_heads={self.num_heads} "
+                              f"times an even head size (RoPE rotates pairs)")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.tiny.num_heads={self.num_heads} must be a multiple of "
+                              f"model.tiny.num_kv_heads={self.num_kv_heads}")
+
+    def build(self, out_dir: str) -> str:
+        """Writes this random model (Hugging Face format, with its character tokenizer) to `out_dir`."""
+        return make_tiny(out_dir, self.arch, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                         intermediate_size=self.intermediate_size, num_layers=self.num_layers,
+                         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                         tie_word_embeddings=self.tie_word_embeddings,
+                         max_position_embeddings=self.max_position_embeddings, seed=self.seed)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFTSection:
+    """Supervised warm start on the task's reference responses (the same mixed-precision step)."""
+
+    steps: int = 400
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    precision: str = "fp32"
+    num_problems: int = 4096
+    seed: int = 0
+
+    def __post_init__(self):
+        check_fields(self, "model.warm_start")
+        check_positive("model.warm_start", steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                       num_problems=self.num_problems)
+        check_non_negative("model.warm_start", warmup_steps=self.warmup_steps)
+        call_checked("model.warm_start.precision", get_policy, self.precision)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """The base policy: an existing Hugging Face directory, or a tiny model built and warm-started locally
+    (cached under `cache_dir`, keyed by everything that determines it, so every arm of a comparison starts
+    from the same weights)."""
+
+    path: Optional[str] = None
+    tiny: TinyModelConfig = dataclasses.field(default_factory=TinyModelConfig)
+    warm_start: SFTSection = dataclasses.field(default_factory=SFTSection)
+    cache_dir: str = ".cache/jaxrl_fp16"
+    fp32_ops: list[str] = dataclasses.field(default_factory=list)  # Numerics overrides (op classes in FP32)
+    # An emulated float format ("e5m10", "e4m3fn", "bfloat16", ...) for the trainer's compute and the JAX
+    # sampler (`Numerics.emulate`); needs `precision` with compute dtype float32 (e.g. `fp32`).
+    emulate: Optional[str] = None
+    # Attention implementation for the training and scoring forward: "dense" (the [T, S] score tensor, written
+    # out op by op), "blockwise" (online softmax over key blocks of `attention_block` keys: O(T) memory),
+    # "cudnn" (jax.nn.dot_product_attention's fused kernel, GPUs only), "auto" (chosen per backend and length).
+    attention: str = "auto"
+    attention_block: int = 512
+    # Rematerialisation of each scanned decoder layer in the backward pass: "none", "full" (recompute the whole
+    # layer), "dots" (save matmul outputs, recompute the rest), "auto" (chosen per backend).
+    remat: str = "auto"
+
+    def __post_init__(self):
+        check_fields(self, "model")
+        try:
+            Numerics.from_overrides(self.fp32_ops, emulate=self.emulate)  # validates the names and the format
+        except ValueError as e:
+            key = "model.emulate" if "emulate" in str(e) else "model.fp32_ops"
+            raise ConfigError(f"{key}: {e}") from None
+        check_choice("model.attention", self.attention, ATTENTION_CHOICES)
+        check_choice("model.remat", self.remat, REMAT_CHOICES)
+        check_positive("model", attention_block=self.attention_block)
+
+    def numerics(self) -> Numerics:
+        """The `Numerics` the trainer, scorer and JAX sampler run with."""
+        return Numerics.from_overrides(self.fp32_ops, emulate=self.emulate)
 
 
 def sft_examples(task: Any, tokenizer: Any, num: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -48,13 +163,10 @@ def sft_examples(task: Any, tokenizer: Any, num: int, seed: int) -> tuple[np.nda
     return tokens, attn, loss_mask
 
 
-def run_sft(model_dir: str, task: Any, sft: Any, out_dir: str, *, progress: bool = True,
+def run_sft(model_dir: str, task: Any, sft: SFTSection, out_dir: str, *, progress: bool = True,
             overwrite: bool = False) -> dict[str, float]:
     """Trains `model_dir` on `task`'s reference responses per the `SFTSection` `sft`; writes an HF dir."""
     from tqdm.auto import tqdm
-
-    from jaxrl_fp16.models.hf import load_tokenizer
-    from jaxrl_fp16.outputs import check_output_dir
 
     check_output_dir(out_dir, overwrite=overwrite, sources=[model_dir])  # before the training, not after it
     cfg, params = load_hf_params(model_dir)
@@ -76,8 +188,7 @@ def run_sft(model_dir: str, task: Any, sft: Any, out_dir: str, *, progress: bool
     schedule = optax.warmup_cosine_decay_schedule(0.0, sft.lr, warmup, sft.steps, end_value=sft.lr * 0.1) \
         if sft.steps > 1 else sft.lr
     optimizer = optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.0)
-    scale = DynamicLossScale(loss_scale=2.0 ** 15, period=200) if policy.compute_dtype == np.float16 \
-        else NoOpLossScale()
+    scale = SFT_LOSS_SCALE.build(policy.compute_dtype)
     step = make_train_step(loss_fn, optimizer, policy, max_grad_norm=1.0, donate=True)
     state = TrainState.create(jax.tree_util.tree_map(jnp.asarray, params), optimizer, scale)
     rng = np.random.default_rng(sft.seed)
@@ -102,19 +213,12 @@ def ensure_base_model(run: Any, progress: bool = True) -> str:
     """The base model directory of a `RunConfig`: `model.path`, or a tiny model built and warm-started on the
     run's task, cached under `model.cache_dir` keyed by everything that determines it. With several processes,
     process 0 builds it while the others wait, then they find it (`model.cache_dir` shared by the hosts)."""
-    from jaxrl_fp16 import multiprocess
-
     if run.model.path is not None:
         return _ensure_base_model(run, progress)
     return multiprocess.first_then_others(lambda: _ensure_base_model(run, progress), "base-model")
 
 
 def _ensure_base_model(run: Any, progress: bool) -> str:
-    import dataclasses
-
-    from jaxrl_fp16.models.tiny import make_tiny
-    from jaxrl_fp16.rl.tasks import make_task
-
     m = run.model
     if m.path is not None:
         if not os.path.isfile(os.path.join(m.path, "config.json")):
@@ -126,15 +230,9 @@ def _ensure_base_model(run: Any, progress: bool) -> str:
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
     os.makedirs(m.cache_dir, exist_ok=True)
-    t = m.tiny
     with tempfile.TemporaryDirectory(dir=m.cache_dir) as tmp:
-        random_dir = make_tiny(os.path.join(tmp, "random"), t.arch, vocab_size=t.vocab_size,
-                               hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                               num_layers=t.num_layers, num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
-                               tie_word_embeddings=t.tie_word_embeddings,
-                               max_position_embeddings=t.max_position_embeddings, seed=t.seed)
-        task = make_task(run.task.name, **dict(run.task.options))
-        run_sft(random_dir, task, m.warm_start, out, progress=progress)
+        random_dir = m.tiny.build(os.path.join(tmp, "random"))
+        run_sft(random_dir, run.task.build(), m.warm_start, out, progress=progress)
     spec_file = os.path.join(out, "base_model_spec.json")
     with open(f"{spec_file}.{os.getpid()}.tmp", "w") as f:  # a writer's own temporary file, then a rename
         json.dump(spec, f, indent=2)

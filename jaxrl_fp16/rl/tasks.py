@@ -37,11 +37,12 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from jaxrl_fp16.rl.rewards import clean_response, exact_match_reward, extract_final_answer, math_answers_equal
+from jaxrl_fp16.validation import ConfigError, check_fields, check_positive
 
 __all__ = ["Problem", "Task", "Addition", "Reverse", "SortDigits", "Count", "DigitString", "MathWordProblems",
            "MATH_DATASETS", "DIGIT_MODES",
-           "TASKS", "OptionError", "make_task", "score_responses", "pass_rates", "select_perfectible", "PerfectibleSet",
-           "build_perfectible_set"]
+           "TASKS", "OptionError", "make_task", "TaskSection", "score_responses", "pass_rates", "select_perfectible",
+           "PerfectibleSet", "build_perfectible_set"]
 
 # reasoning-gym datasets whose answers are single numbers (what the math checker compares).
 MATH_DATASETS = ("gsm_symbolic", "basic_arithmetic", "chain_sum")
@@ -469,6 +470,32 @@ def make_task(name: str, **options: Any) -> Task:
             raise OptionError(f"task {name!r} has no option(s) {', '.join(unknown)}; valid: {', '.join(valid)}",
                               *unknown)
     return factory(**options)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskSection:
+    """A registered task and its options (e.g. `max_digits`, `truncated_reward`: the reward of a response cut
+    at the length limit, default 0)."""
+
+    name: str = "addition"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    num_problems: int = 1024  # candidate problems drawn before the perfectible filter
+    seed: int = 1234
+
+    def __post_init__(self):
+        check_fields(self, "task")
+        if self.name not in TASKS:
+            raise ConfigError(f"task.name={self.name!r}; valid: {', '.join(sorted(TASKS))}")
+        check_positive("task", num_problems=self.num_problems)
+        try:
+            self.build()  # cheap: validates the options' names, types and ranges
+        except OptionError as e:
+            keys = ", ".join(f"task.options.{k}" for k in e.keys) or "task.options"
+            raise ConfigError(f"{keys}: {e}") from None
+
+    def build(self) -> Task:
+        """The task of this section (`make_task`)."""
+        return make_task(self.name, **dict(self.options))
 
 
 def _response_and_truncated(item: Any) -> tuple[str, bool]:

@@ -1,18 +1,24 @@
-"""Typed options of each sampler engine, as `create_sampler` takes them (`SamplerSection.engine_options()` builds
-them from a run config), and the pure arithmetic of an engine that shares the host's GPUs with the trainer.
+"""Typed options of each sampler engine, as `create_sampler` takes them, the pure arithmetic of an engine that
+shares the host's GPUs with the trainer, and the run config's `sampler` section (`SamplerSection`), which builds
+the engine options (`engine_options()`) and the settings of each generate call (`settings()`).
 
-Plain data: each engine checks the values it is given.
+The options are plain data: each engine checks the values it is given.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
-__all__ = ["JaxOptions", "VLLMOptions", "TransformersOptions", "EngineOptions", "ENGINE_OPTIONS", "SAMPLERS",
-           "options_for", "SHARED_GPU_UTILIZATION", "OWN_GPU_UTILIZATION", "MEMORY_MARGIN", "PROMPT_ALLOWANCE",
-           "engine_memory_utilization", "default_max_model_len", "trainer_devices"]
+from jaxrl_fp16.models.config import Numerics
+from jaxrl_fp16.precision import as_dtype
+from jaxrl_fp16.sampling.base import SamplingSettings
+from jaxrl_fp16.validation import ConfigError, check_fields, check_positive
+
+__all__ = ["SamplerSection", "JaxOptions", "VLLMOptions", "TransformersOptions", "EngineOptions", "ENGINE_OPTIONS",
+           "SAMPLERS", "options_for", "SHARED_GPU_UTILIZATION", "OWN_GPU_UTILIZATION", "MEMORY_MARGIN",
+           "PROMPT_ALLOWANCE", "engine_memory_utilization", "default_max_model_len", "trainer_devices"]
 
 # vLLM's share of a GPU (its `gpu_memory_utilization`) when the trainer's JAX runs on the same GPU, and when the
 # engine has GPUs of its own (`sampler.devices`).
@@ -126,3 +132,102 @@ def trainer_devices(devices: Sequence[Any], engine_devices: Sequence[int] | None
         raise ValueError(f"sampler.devices={sorted(engine)} leaves none of the {len(devices)} devices "
                          f"({', '.join(str(d) for d in devices)}) for the trainer")
     return kept
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplerSection:
+    """The sampler; the keys after `tensor_parallel_size` are the vLLM engine's (refused with another sampler):
+    null leaves the choice to `VLLMSampler` (see `VLLMOptions` and README "On a GPU")."""
+
+    name: str = "jax"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 16
+    allow_dtype_mismatch: bool = False
+    dtype: Optional[str] = None  # only with allow_dtype_mismatch: a sampler dtype other than the trainer's
+    max_batch_size: int = 256
+    tensor_parallel_size: int = 1  # vllm: GPUs per engine (tensor parallelism inside vLLM)
+    # vLLM's share of each of its GPUs, in (0, 1); null: 0.35 sharing the trainer's GPUs, 0.9 with `devices`.
+    gpu_memory_utilization: Optional[float] = None
+    enforce_eager: Optional[bool] = None  # null: CUDA graphs on a GPU, eager on a CPU
+    max_num_seqs: Optional[int] = None  # null: vLLM's default
+    max_num_batched_tokens: Optional[int] = None  # null: vLLM's default
+    max_model_len: Optional[int] = None  # null: 1024 prompt tokens + max_new_tokens, rounded up to 256
+    enable_prefix_caching: Optional[bool] = None  # null: vLLM's default
+    devices: Optional[list[int]] = None  # the engine's own GPUs (one per tensor_parallel_size); null: shared
+    # The JAX sampler only: op classes it computes in FP32 on top of `model.fp32_ops`, as an inference engine's
+    # fused kernels keep intermediates unrounded where the trainer's op-by-op forward rounds them (e.g.
+    # [rope, attn_scores]: vLLM's rotary kernel rounds q and k once, flash attention never rounds the scores).
+    fp32_ops: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        check_fields(self, "sampler")
+        try:
+            Numerics.from_overrides(self.fp32_ops)
+        except ValueError as e:
+            raise ConfigError(f"sampler.fp32_ops: {e}") from None
+        if self.fp32_ops and self.name != "jax":
+            raise ConfigError(f"sampler.fp32_ops={list(self.fp32_ops)} needs sampler.name=jax (got {self.name!r}): "
+                              f"the other engines run their own kernels")
+        if self.name not in SAMPLERS:
+            raise ConfigError(f"sampler.name={self.name!r}; valid: {', '.join(SAMPLERS)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"sampler.temperature must be > 0 for RL (sampling), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampler.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"sampler.top_k must be >= 0 (0 disables it), got {self.top_k}")
+        check_positive("sampler", max_new_tokens=self.max_new_tokens, max_batch_size=self.max_batch_size,
+                       tensor_parallel_size=self.tensor_parallel_size)
+        if self.tensor_parallel_size != 1 and self.name != "vllm":
+            raise ConfigError(f"sampler.tensor_parallel_size={self.tensor_parallel_size} needs sampler.name=vllm "
+                              f"(got {self.name!r})")
+        if self.dtype is not None:
+            try:
+                as_dtype(self.dtype)
+            except ValueError as e:
+                raise ConfigError(f"sampler.dtype={self.dtype!r}: {e}") from None
+        self._check_engine_keys()
+
+    def _check_engine_keys(self) -> None:
+        """The vLLM engine's keys: only with sampler.name=vllm, in range, one device per tensor-parallel rank."""
+        engine_keys = ("gpu_memory_utilization", "enforce_eager", "max_num_seqs", "max_num_batched_tokens",
+                       "max_model_len", "enable_prefix_caching", "devices")
+        given = {key: getattr(self, key) for key in engine_keys if getattr(self, key) is not None}
+        if given and self.name != "vllm":
+            key, value = next(iter(given.items()))
+            raise ConfigError(f"sampler.{key}={value} is a vLLM engine key and needs sampler.name=vllm "
+                              f"(got {self.name!r})")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization < 1:
+            raise ConfigError(f"sampler.gpu_memory_utilization must be in (0, 1), got {self.gpu_memory_utilization}")
+        check_positive("sampler", **{k: given[k] for k in ("max_num_seqs", "max_num_batched_tokens") if k in given})
+        if self.max_model_len is not None and self.max_model_len <= self.max_new_tokens:
+            raise ConfigError(f"sampler.max_model_len={self.max_model_len} leaves no room for a prompt before "
+                              f"sampler.max_new_tokens={self.max_new_tokens} response tokens")
+        if self.devices is not None:
+            if any(d < 0 for d in self.devices) or len(set(self.devices)) != len(self.devices):
+                raise ConfigError(f"sampler.devices={list(self.devices)} must be distinct GPU ordinals (>= 0)")
+            if len(self.devices) != self.tensor_parallel_size:
+                raise ConfigError(f"sampler.devices={list(self.devices)} lists {len(self.devices)} GPUs but "
+                                  f"sampler.tensor_parallel_size={self.tensor_parallel_size}: give one GPU per "
+                                  f"tensor-parallel rank")
+
+    def settings(self, samples_per_prompt: int, seed: int, *, logprobs: bool = True) -> SamplingSettings:
+        """The `SamplingSettings` of this section for one generate call (`logprobs=False`: tokens only)."""
+        return SamplingSettings(max_new_tokens=self.max_new_tokens, samples_per_prompt=samples_per_prompt,
+                                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=seed,
+                                logprobs=logprobs)
+
+    def engine_options(self) -> EngineOptions:
+        """The typed options of engine `name` that this section sets (`create_sampler(..., options=...)`)."""
+        if self.name == "vllm":
+            return VLLMOptions(tensor_parallel_size=self.tensor_parallel_size,
+                               max_model_len=self.max_model_len or default_max_model_len(self.max_new_tokens),
+                               gpu_memory_utilization=self.gpu_memory_utilization, enforce_eager=self.enforce_eager,
+                               max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                               enable_prefix_caching=self.enable_prefix_caching,
+                               devices=None if self.devices is None else tuple(self.devices))
+        if self.name == "transformers":
+            return TransformersOptions(max_batch_size=self.max_batch_size)
+        return JaxOptions(max_batch_size=self.max_batch_size)
