@@ -71,11 +71,12 @@ def seed_overrides(overrides: Sequence[str]) -> list[str]:
 def arm_configs(arms: Sequence[Arm], *, sampler: str = "jax", overrides: Sequence[str] = (),
                 progress: bool = True, preset: str | None = None) -> dict[str, Any]:
     """Each arm's validated `RunConfig`: the preset (`preset`, default the sanity preset), the arm's precision
-    and algorithm, then `overrides`."""
+    and algorithm, then `overrides`. Another engine than the JAX sampler runs its own kernels: the preset's
+    `sampler.fp32_ops` (the JAX sampler's model of them) is dropped for it."""
     path = preset or preset_path()
+    engine = [f"sampler.name={sampler}"] + (["sampler.fp32_ops=[]"] if sampler != "jax" else [])
     return {arm.name: load_config(path, [f"precision={arm.precision}", f"loss.algorithm={arm.algorithm}",
-                                         f"sampler.name={sampler}", f"log.progress={progress}",
-                                         *seed_overrides(overrides)])
+                                         *engine, f"log.progress={progress}", *seed_overrides(overrides)])
             for arm in arms}
 
 

@@ -7,6 +7,12 @@ emulated one ("e8m3", "e5m10", ...: precision fp32 with `model.emulate`, every o
 rounded to it in both the JAX sampler and the trainer; `jaxrl_fp16.emulation`). Every run starts from the same
 cached warm start and trains on the same prompts (the perfectible set is chosen in FP32).
 
+The two engines differ as an inference engine and a trainer do: the sanity preset's `sampler.fp32_ops` keeps the
+rotary embedding and the attention scores unrounded in the sampler (fused kernels), where the trainer rounds them
+op by op. In a real dtype or an emulated one alike, the mismatch is then one rounding of the format at those ops,
+and falls with the mantissa bits. Without it (`sampler.fp32_ops=[]`) both engines round every op the same way
+and differ only where their FP32 sums straddle a rounding boundary: a few rare jumps, not a dose-response.
+
 Each run keeps its own folder `<out>/<format>-s<seed>/` (metrics.jsonl, checkpoints): a second call with the same
 output folder skips the runs that finished and continues those that stopped (from their latest checkpoint).
 Rows (`sweep.json`) come from `sanity.summarize_arm`, plus:

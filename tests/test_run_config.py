@@ -67,6 +67,7 @@ def test_overrides_and_steps():
     ("task.name=additon", ["additon", "addition", "count"]),
     ("loss_scale.kind=dynamc", ["dynamc", "dynamic", "static"]),
     ("model.fp32_ops=[lm_heads]", ["lm_heads", "lm_head"]),
+    ("sampler.fp32_ops=[ropes]", ["sampler.fp32_ops", "ropes", "rope"]),
     ("optimm.lr=1", ["optimm", "optim", "loss_scale"]),
     ("train.minibatches_per_iteration=3", ["minibatches_per_iteration=3"]),
 ])
@@ -75,6 +76,16 @@ def test_bad_configs_name_the_key_and_the_choices(override, words):
         load_config(os.path.join(ROOT, "configs", "tiny_fp16.yaml"), [override])
     for w in words:
         assert w in str(e.value)
+
+
+def test_sampler_fp32_ops_reach_the_jax_sampler_only():
+    path = os.path.join(ROOT, "configs", "tiny_fp16.yaml")
+    run = load_config(path, ["model.fp32_ops=[lm_head]", "sampler.fp32_ops=[rope,attn_scores]"])
+    numerics = run.sampler_numerics()
+    assert (numerics.lm_head_f32, numerics.rope_f32, numerics.attn_scores_f32) == (True, True, True)
+    assert not run.model.numerics().rope_f32  # the trainer keeps its own
+    with pytest.raises(ConfigError, match=r"sampler.fp32_ops=\['rope'\] needs sampler.name=jax"):
+        load_config(path, ["sampler.name=transformers", "sampler.fp32_ops=[rope]"])
 
 
 def test_bad_files(tmp_path):

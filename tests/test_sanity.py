@@ -62,6 +62,13 @@ def test_every_arm_gets_the_seed_and_the_overrides():
         arm_configs(arms_for(quick=True), overrides=["train.iterations=0"])
 
 
+@pytest.mark.parametrize("sampler, fp32_ops", [("jax", ["rope", "attn_scores"]), ("transformers", []),
+                                               ("vllm", [])])
+def test_only_the_jax_sampler_models_fused_kernels(sampler, fp32_ops):
+    for run in arm_configs(arms_for(quick=True), sampler=sampler).values():
+        assert (run.sampler.name, run.sampler.fp32_ops) == (sampler, fp32_ops)
+
+
 def test_the_preset_keeps_the_papers_setup():
     """Perfectible prompts (20-80%), GRPO, FP16 with dynamic loss scaling against BF16."""
     run = load_config(preset_path())

@@ -4,11 +4,16 @@ resume, emulated FP16 against real FP16), the auto loss scale of emulated format
 import json
 import math
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxrl_fp16.cli import main
 from jaxrl_fp16.config import load_config
 from jaxrl_fp16.loss_scale import DynamicLossScale, NoOpLossScale
+from jaxrl_fp16.models.config import ModelConfig, Numerics
+from jaxrl_fp16.models.decoder import CausalLM, causal_inputs, token_logprobs
 from jaxrl_fp16.rl.tasks import OptionError, Problem, make_task
 from jaxrl_fp16.rl.trainer import make_loss_scale, resolved_loss_scale_kind
 from jaxrl_fp16.sanity import preset_path
@@ -168,6 +173,40 @@ def test_a_second_sweep_skips_finished_runs(sweep_dir, cache_dir):
     assert "? perfectible prompts" not in (sweep_dir / "report.md").read_text()  # the stats kept in the run folder
     for r in rows:
         assert (sweep_dir / r["run_dir"] / "metrics.jsonl").read_text() == before[r["format"]]
+
+
+def _engine_gap(fmt: str, run) -> float:
+    """Mean |log p_sampler - log p_trainer| over the tokens of a random tiny model (weights x4, so that rounding
+    moves the log-probs): the sampler with the preset's `sampler.fp32_ops`, the trainer op by op, both in `fmt`
+    (a real dtype, or emulated in float32)."""
+    cfg = ModelConfig(arch="qwen2", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, qkv_bias=True, max_position_embeddings=256)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 48), 0, cfg.vocab_size)
+    params = CausalLM(cfg).init(jax.random.PRNGKey(0), tokens, *causal_inputs(tokens, None, None))["params"]
+    params = jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x, params)
+    real = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+    dtype, emulate = (real[fmt], None) if fmt in real else (jnp.float32, fmt)
+
+    def logprobs(ops):
+        model = CausalLM(cfg, dtype=dtype, numerics=Numerics.from_overrides(ops, emulate=emulate))
+        return np.asarray(token_logprobs(model, params, tokens))[:, 1:]
+
+    return float(np.abs(logprobs(run.sampler.fp32_ops) - logprobs(run.model.fp32_ops)).mean())
+
+
+def test_the_sweeps_engines_differ_by_one_rounding_of_the_format():
+    """The sweep's sampler keeps rope and the attention scores unrounded (the preset's `sampler.fp32_ops`): the
+    gap to the trainer falls with the mantissa bits (about 2x per bit), and each emulated format gives its real
+    dtype's gap."""
+    run = load_config(preset_path(), [])
+    assert set(run.sampler.fp32_ops) == {"rope", "attn_scores"} and run.model.fp32_ops == []
+    gaps = {fmt: _engine_gap(fmt, run) for fmt in ("e8m3", "e8m5", "e8m7", "e8m10", "float32", "bfloat16",
+                                                    "float16", "e5m10")}
+    assert gaps["float32"] == 0.0
+    ladder = [gaps[f] for f in ("e8m3", "e8m5", "e8m7", "e8m10")]
+    assert all(a > 2 * b > 0 for a, b in zip(ladder, ladder[1:])), gaps
+    assert gaps["bfloat16"] == pytest.approx(gaps["e8m7"], rel=0.5), gaps
+    assert gaps["float16"] == pytest.approx(gaps["e5m10"], rel=0.5), gaps
 
 
 def test_sweep_refuses_a_seed_override(tmp_path, capsys):
