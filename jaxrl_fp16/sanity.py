@@ -80,6 +80,16 @@ def arm_configs(arms: Sequence[Arm], *, sampler: str = "jax", overrides: Sequenc
             for arm in arms}
 
 
+def engine_sentence(fp32_ops: Sequence[str] | None) -> str:
+    """How the sampler's kernels differ from the trainer's (`sampler.fp32_ops`), for a report."""
+    if fp32_ops is None:
+        return ""
+    if not fp32_ops:
+        return "The sampler and the trainer round every op alike (`sampler.fp32_ops` empty)."
+    return (f"The JAX sampler keeps {', '.join(fp32_ops)} unrounded in FP32, as an inference engine's fused kernels "
+            f"do, where the trainer rounds them op by op (`sampler.fp32_ops`).")
+
+
 def read_metrics(path: str) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -181,7 +191,8 @@ def run_sanity(out: str, *, quick: bool = True, sampler: str = "jax", overrides:
              "seed": first.seed, "task_seed": first.task.seed, "warm_start_steps": first.model.warm_start.steps,
              "iterations": first.train.iterations, "prompts_per_iteration": first.train.prompts_per_iteration,
              "samples_per_prompt": first.train.samples_per_prompt, "lr": first.optim.lr,
-             "model": dataclasses.asdict(first.model.tiny), **prompt_stats,
+             "model": dataclasses.asdict(first.model.tiny), "sampler_fp32_ops": list(first.sampler.fp32_ops),
+             **prompt_stats,
              "total_seconds": time.perf_counter() - started}
     report = write_report(out, rows, setup)
     return report
@@ -274,7 +285,9 @@ def write_report(out: str, rows: dict[str, dict[str, Any]], setup: dict[str, Any
              f"{setup.get('prompts/kept', '?')} perfectible prompts (base pass rate "
              f"{setup.get('prompts/pass_rate_kept', float('nan')):.2f} on them); {setup['iterations']} iterations of "
              f"{setup['prompts_per_iteration']} prompts x {setup['samples_per_prompt']} samples, lr {setup['lr']}; "
-             f"sampler `{setup['sampler']}` in the arm's compute dtype. Total time {setup['total_seconds']:.0f} s.",
+             f"sampler `{setup['sampler']}` in the arm's compute dtype. "
+             + (engine_sentence(setup["sampler_fp32_ops"]) + " " if "sampler_fp32_ops" in setup else "")
+             + f"Total time {setup['total_seconds']:.0f} s.",
              "", "## Findings", "", *[f"- {s}" for s in statements], "", "## Arms", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():

@@ -34,8 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from jaxrl_fp16.emulation import FloatFormat
-from jaxrl_fp16.sanity import (EDGE, SMOOTH, Arm, arm_configs, preset_path, read_metrics, reproducibility, run_status,
-                               summarize_arm, train_arm)
+from jaxrl_fp16.sanity import (EDGE, SMOOTH, Arm, arm_configs, engine_sentence, preset_path, read_metrics,
+                               reproducibility, run_status, summarize_arm, train_arm)
 
 __all__ = ["SweepFormat", "parse_formats", "QUICK_FORMATS", "FULL_FORMATS", "LONG_FORMATS", "sweep_row",
            "run_sweep", "write_sweep_report", "is_collapsed"]
@@ -209,7 +209,8 @@ def _setup(run: Any, quick: bool) -> dict[str, Any]:
             "task_seed": run.task.seed, "warm_start_steps": run.model.warm_start.steps,
             "iterations": run.train.iterations, "prompts_per_iteration": run.train.prompts_per_iteration,
             "samples_per_prompt": run.train.samples_per_prompt, "max_new_tokens": run.sampler.max_new_tokens,
-            "lr": run.optim.lr, "model": dataclasses.asdict(run.model.tiny)}
+            "lr": run.optim.lr, "model": dataclasses.asdict(run.model.tiny),
+            "sampler_fp32_ops": list(run.sampler.fp32_ops)}
 
 
 def _write_json(out: str, rows: list[dict[str, Any]], setups: dict[str, Any]) -> None:
@@ -352,6 +353,7 @@ def write_sweep_report(out: str, rows: list[dict[str, Any]], setups: dict[str, A
                   "Each run samples and trains in its format: a real dtype (float32, bfloat16, float16: precision "
                   "fp32, bf16-mixed, fp16-mixed) or an emulated eXmY format (precision fp32 with `model.emulate`: "
                   "every op's output and every weight rounded to the format in the JAX sampler and the trainer). "
+                  + engine_sentence(setup.get("sampler_fp32_ops")) + " "
                   "`loss_scale.kind=auto`: dynamic for float16 and for emulated formats with at most 5 exponent "
                   "bits, none otherwise.", ""]
     lines += ["## Findings", "", *[f"- {s}" for s in statements], "", "## Runs", "",

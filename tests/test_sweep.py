@@ -142,6 +142,7 @@ def test_tiny_sweep_writes_rows_report_and_plots(sweep_dir):
         assert (sweep_dir / name).stat().st_size > 500, name
     text = (sweep_dir / "report.md").read_text()
     assert "**collapsed**" in text
+    assert "The JAX sampler keeps rope, attn_scores unrounded in FP32" in text  # the preset's engine model
     assert "| e5m10 | yes | 5 | 10 | 0 |" in text and "| float16 | no | 5 | 10 | 0 |" in text
 
 
