@@ -346,3 +346,73 @@ def test_study_override_variants_keep_the_emulated_format():
     assert set(variants) >= {"baseline", "none", "all", *Numerics.op_classes()}
     assert {v.emulate for v in variants.values()} == {"e5m10"}
     assert variants["all"].lm_head_f32 and not variants["none"].norm_f32
+
+
+# ----- FP8: what is the format's own and what the padding and masking add -----
+
+@pytest.mark.parametrize("name", ["e4m3fn", "e4m3", "e5m2", "e5m10"])
+def test_masked_scores_stay_out_of_the_emulated_softmax(name):
+    """The masked score is -fmt.max; minus a positive row max it leaves the format's range, which an IEEE format
+    rounds to -inf (exp: 0) and a finite (fn) one to NaN. Masked entries get probability 0 and gradient 0 in every
+    format, a fully masked row is uniform, and a NaN score still gives NaN (nothing real is hidden)."""
+    from jaxrl_fp16.models.attention import softmax
+    from jaxrl_fp16.models.decoder import arith
+
+    fmt = FloatFormat.parse(name)
+    ar = arith(jnp.float32, fmt)
+    lowest = ar.lowest
+    assert lowest == -fmt.max
+    x = jnp.asarray([[lowest, 3.0, 40.0], [lowest, lowest, 0.5], [lowest] * 3], jnp.float32)
+    p = np.asarray(softmax(x, ar))
+    assert np.isfinite(p).all(), p
+    assert p[0, 0] == 0 and p[1, 0] == p[1, 1] == 0 and p[0, 2] == 1 and p[1, 2] == 1
+    assert np.all(p[2] == p[2, 0]) and abs(p[2].sum() - 1) <= 0.2  # uniform, up to the format's rounding
+    g = np.asarray(jax.grad(lambda v: softmax(v, ar)[:2, 1].sum() * 3.0)(x))
+    assert np.isfinite(g).all() and g[0, 0] == g[1, 0] == 0, g
+    assert np.isnan(np.asarray(softmax(jnp.asarray([[np.nan, 1.0, 2.0]], jnp.float32), ar))).all()
+
+
+def _scorer_and_plain(cfg, params, tokens, mask, numerics):
+    from jaxrl_fp16.scoring import Scorer
+
+    scored = Scorer(cfg, dtype="float32", numerics=numerics, batch_size=4)(params, tokens, mask)
+    model = CausalLM(cfg, dtype=jnp.float32, numerics=numerics)
+    plain = np.asarray(jax.jit(lambda p, t, m: token_logprobs(model, p, t, m))(params, tokens, mask))
+    return scored, plain
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e4m3fn"])
+def test_scorer_padding_adds_no_nan_in_fp8(tiny, fmt):
+    """The trainer's scoring path in FP8: left padding, responses that stop early (right padding), the bucketed
+    width (40 -> 64 columns) and filler rows (6 rows in batches of 4) give the plain forward's log-probs, all
+    finite, on every token predicted from a real one; with the softmax in the format too (masked scores in it)."""
+    cfg, params, tokens, mask = tiny
+    mask = mask.copy()
+    mask[1, -9:] = mask[3, -4:] = mask[4, -1:] = 0  # responses that stopped early
+    real = np.zeros(mask.shape, bool)  # tokens predicted from a real token (a row's first from a padding slot,
+    real[:, 1:] = (mask[:, 1:] == 1) & (mask[:, :-1] == 1)  # which averages every key of the row: width-dependent)
+    for numerics in (Numerics(emulate=fmt), Numerics(emulate=fmt, softmax_f32=False)):
+        scored, plain = _scorer_and_plain(cfg, params, tokens, mask, numerics)
+        assert np.isfinite(scored[real]).all() and np.isfinite(plain[real]).all(), numerics
+        np.testing.assert_array_equal(scored[real], plain[real])
+        fp32 = np.asarray(token_logprobs(CausalLM(cfg, dtype=jnp.float32), params, tokens, mask))
+        assert np.abs(scored[real] - fp32[real]).mean() > 1e-3  # it is the format, not FP32
+
+
+@pytest.mark.parametrize("name, dtype", [("e4m3fn", jnp.float8_e4m3fn), ("e4m3", jnp.float8_e4m3)])
+def test_emulated_sigmoid_is_xla_fp8_logistic(name, dtype):
+    """SiLU's sigmoid is XLA's expansion 1 / (1 + exp(-x)), each op in the format. exp(-x) passes the largest
+    finite below x = -ln(max): e4m3 rounds it to inf (sigmoid 0), e4m3fn, which has no inf, to NaN, and XLA's own
+    float8_e4m3fn logistic gives the same NaN: the format's, not the emulation's."""
+    from jaxrl_fp16.models.decoder import emulated_sigmoid
+
+    fmt = FloatFormat.parse(name)
+    x = _grid(REAL[name])
+    x = x[np.abs(x) <= 16]
+    emu = np.asarray(emulated_sigmoid(jnp.asarray(x), fmt))
+    real = np.asarray(jax.jit(jax.nn.sigmoid)(jnp.asarray(x).astype(dtype)).astype(jnp.float32))
+    _assert_same(emu, real)
+    overflow = ~np.isfinite(np.asarray(round_to_format(np.exp(-x), fmt)))  # exp(-x) past the largest finite
+    assert overflow.any()
+    assert np.isnan(emu[overflow]).all() if fmt.finite else np.all(emu[overflow] == 0)
+    assert np.isfinite(emu[~overflow]).all()

@@ -136,7 +136,12 @@ def softmax(x: Array, ar: Any) -> Array:
     """Softmax over the last axis; with emulation written out (as jax.nn.softmax) with each op rounded."""
     if ar.fmt is None:
         return jax.nn.softmax(x, axis=-1)
-    unnormalized = ar.out(jnp.exp(ar.out(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))))
+    shifted = x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    # A masked score (-fmt.max) minus the row max can fall below -fmt.max: -inf in an IEEE format (exp: 0), NaN in
+    # a finite ("fn") one, which has no inf. It is read as the -inf it stands for; IEEE formats are unchanged.
+    rounded = ar.out(shifted)
+    rounded = jnp.where(jnp.isnan(rounded) & ~jnp.isnan(shifted), -jnp.inf, rounded)
+    unnormalized = ar.out(jnp.exp(rounded))
     return ar.out(ar.use(unnormalized) / ar.out(jnp.sum(ar.use(unnormalized), axis=-1, keepdims=True)))
 
 
