@@ -38,19 +38,23 @@ $(GPU_STAMP): pyproject.toml
 	$(VENV)/bin/jaxrl-fp16 doctor
 	touch $(GPU_STAMP)
 
+# Each worker takes whole files (module fixtures run once), the longest first (tests/conftest.py, LONG_FILES):
+# --no-loadscope-reorder keeps that order instead of xdist's order by number of tests.
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
+
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q $(XDIST) tests
 
 # The suite without the tests marked slow (training runs, the warm-started base model, subprocesses, engine
 # starts): the one to run while developing. `make test` still runs everything.
 test-fast: install
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 # The suite once more as code for another instruction set would run it: XLA's CPU code generated for AVX2 (no
 # AVX-512) and OpenBLAS's Haswell kernels. Bitwise claims and codegen-dependent bounds must hold on both.
 ISA_ENV := XLA_FLAGS="$(XLA_FLAGS) --xla_cpu_max_isa=AVX2" OPENBLAS_CORETYPE=Haswell
 test-isa: install
-	$(ISA_ENV) $(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(ISA_ENV) $(PY) -m pytest -q $(XDIST) tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -71,8 +71,9 @@ def test_text_prompts_file(model_dir, tmp_path):
     ids.write_text("[1, 2, 3]\n{\"prompt_ids\": [4, 5]}\n")
     for f in (prompts, ids):
         out = tmp_path / f.stem
-        assert main(["mismatch", "--model", model_dir, "--dtype", "f32", "--prompts", str(f),
-                     "--max-new-tokens", "4", "--seed", "0", "--out", str(out), "--no-plots"]) == 0
+        # 2 prompts x 2 samples, 6 new tokens: the FP32 programs of the dtype-list test (4 rows)
+        assert main(["mismatch", "--model", model_dir, "--dtype", "f32", "--prompts", str(f), "--max-new-tokens",
+                     "6", "--samples-per-prompt", "2", "--seed", "0", "--out", str(out), "--no-plots"]) == 0
         assert json.loads((out / "summary.json").read_text())["num_prompts"] == 2
 
 
@@ -99,8 +100,9 @@ def test_bad_input_fails_before_any_work(model_dir, tmp_path, capsys, extra, mes
 
 def test_allowing_a_dtype_mismatch_runs_it(model_dir, tmp_path):
     out = tmp_path / "mixed"
+    # The shapes of the dtype-list test (3 prompts of 4 tokens, 6 new): its BF16 and FP32 programs again.
     assert main(["mismatch", "--model", model_dir, "--dtype", "bfloat16", "--trainer-dtype", "float32",
-                 "--allow-dtype-mismatch", "--num-prompts", "2", "--prompt-len", "3", "--max-new-tokens", "4",
+                 "--allow-dtype-mismatch", "--num-prompts", "3", "--prompt-len", "4", "--max-new-tokens", "6",
                  "--seed", "0", "--out", str(out), "--no-plots"]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert (s["sampler_dtype"], s["trainer_dtype"]) == ("bfloat16", "float32")

@@ -19,7 +19,8 @@ from jaxrl_fp16.scoring import Scorer
 
 
 # Each (dtype, row bucket, max_new_tokens) is a program of its own: the tests whose point is not a length share
-# one, and the FP32 check shares the BF16/FP16 test's FP32 program (32 rows, 48 tokens).
+# the FP32 programs of 2, 4 and 8 rows with 16 tokens, and the FP32 check and the tokens-only check share the
+# BF16/FP16 test's FP32 and FP16 programs (32 rows, 48 tokens).
 NEW_TOKENS = 16
 LONG_TOKENS = 48
 
@@ -67,7 +68,7 @@ def test_layout_and_grouping(tiny):
 
 def test_deterministic_and_independent_of_batching(tiny):
     _, cfg, params = tiny
-    prompts = prompts_for(cfg, n=5)
+    prompts = prompts_for(cfg, n=3)  # 6 rows: one call padded to 8 rows against calls of 4 and 2
     settings = SamplingSettings(max_new_tokens=NEW_TOKENS, samples_per_prompt=2, seed=7)
     a = JaxSampler(cfg, params).generate(prompts, settings)
     b = JaxSampler(cfg, params, max_batch_size=4).generate(prompts, settings)
@@ -186,10 +187,10 @@ def test_an_allowed_dtype_mismatch_is_built_and_logged(tiny, caplog):
 
 def test_a_closed_sampler_refuses_use(tiny):
     _, cfg, params = tiny
-    settings = SamplingSettings(max_new_tokens=4)
+    settings = SamplingSettings(max_new_tokens=NEW_TOKENS)
     with JaxSampler(cfg, params) as sampler:
         assert not sampler.closed
-        assert sampler.generate([[11, 12]], settings).num_rows == 1
+        assert sampler.generate([[11, 12], [13, 14]], settings).num_rows == 2
     assert sampler.closed
     sampler.close()  # twice is fine
     with pytest.raises(RuntimeError, match="this JaxSampler is closed"):
@@ -229,10 +230,11 @@ def test_tokens_only_gives_the_same_tokens_and_zero_logprobs(tiny):
     """SamplingSettings.logprobs=False: the same rollout, its log-probs all 0 and flagged (base.BaseSampler)."""
     _, cfg, params = tiny
     sampler = JaxSampler(cfg, params, dtype="float16")
-    settings = SamplingSettings(max_new_tokens=12, samples_per_prompt=2, seed=4)
-    full = sampler.generate(prompts_for(cfg), settings)
-    tokens_only = sampler.generate(prompts_for(cfg), SamplingSettings(max_new_tokens=12, samples_per_prompt=2,
-                                                                       seed=4, logprobs=False))
+    prompts = prompts_for(cfg, n=16, seed=5)
+    settings = SamplingSettings(max_new_tokens=LONG_TOKENS, samples_per_prompt=2, seed=4)
+    full = sampler.generate(prompts, settings)
+    tokens_only = sampler.generate(prompts, SamplingSettings(max_new_tokens=LONG_TOKENS, samples_per_prompt=2,
+                                                             seed=4, logprobs=False))
     np.testing.assert_array_equal(tokens_only.tokens, full.tokens)
     np.testing.assert_array_equal(tokens_only.response_mask, full.response_mask)
     assert full.has_logprobs and np.any(full.logprobs != 0)

@@ -5,6 +5,7 @@ engine when the dtype matches and otherwise closes it first. Tests are ordered s
 engines in all (float32, float16, bfloat16).
 """
 
+import functools
 import gc
 import logging
 import subprocess
@@ -97,11 +98,17 @@ def prompts():
     return [rng.integers(0, 95, size=int(rng.integers(2, 12))).tolist() for _ in range(6)]
 
 
+@functools.partial(jax.jit, static_argnames=("model", "temperature"))
+def _token_logprobs(params, tokens, attention_mask, *, model, temperature):
+    return token_logprobs(model, params, tokens, attention_mask, temperature=temperature)
+
+
 def trainer_logprobs(cfg, params, rollout, dtype="float32", temperature=1.0):
-    """The trainer's log pi of every token of the rollout (teacher-forced, left padding masked)."""
+    """The trainer's log pi of every token of the rollout (teacher-forced, left padding masked); one program per
+    dtype, temperature and shape, reused by every call (a push check scores one rollout with two weight sets)."""
     model = CausalLM(cfg, dtype=jnp.dtype(dtype))
-    fn = jax.jit(lambda p, t, m: token_logprobs(model, p, t, m, temperature=temperature))
-    return np.asarray(fn(params, jnp.asarray(rollout.tokens), jnp.asarray(rollout.attention_mask)))
+    return np.asarray(_token_logprobs(params, jnp.asarray(rollout.tokens), jnp.asarray(rollout.attention_mask),
+                                      model=model, temperature=temperature))
 
 
 def response_rows(rollout):
