@@ -1,9 +1,9 @@
 """`jaxrl-fp16 plan`: the per-device memory of a run, measured ahead of time by XLA before any work.
 
 From the run config and the model's `config.json` alone (no weights, nothing allocated, no network), the plan
-builds the trainer's real update step (`step.make_train_step` over `Trainer._loss_fn`, the run's optimizer,
-loss scale and mesh shardings) and its scorer (`scoring._score`) at the run's widest shapes, lowers and compiles
-both with `jax.ShapeDtypeStruct` inputs, and reads `compiled.memory_analysis()`:
+builds the trainer's real update step (`rl.trainable.make_rl_step`: `rl_loss` in `step.make_train_step`, the run's
+optimizer, loss scale and mesh shardings) and its scorer (`scoring._score`) at the run's widest shapes, lowers and
+compiles both with `jax.ShapeDtypeStruct` inputs, and reads `compiled.memory_analysis()`:
 
     params       the FP32 master parameters one device holds (the sharding rules; exact)
     optimizer    the optimizer state, loss scale and counters one device holds (exact)
@@ -163,13 +163,6 @@ def _abstract_params(model: Any) -> Any:
     return jax.eval_shape(init)
 
 
-class _LossHost:
-    """What `Trainer._loss_fn` reads of its trainer: the model, the run config and the loss section."""
-
-    def __init__(self, run: RunConfig, model: Any):
-        self.run_cfg, self.model, self.loss_cfg = run, model, run.loss
-
-
 def _struct(x: Any, sharding: Any, dtype: Any = None) -> Any:
     import jax
 
@@ -232,10 +225,10 @@ def measure(run: RunConfig, *, backend: str | None = None, devices: Sequence[Any
     from jaxrl_fp16 import scoring, sharding
     from jaxrl_fp16.lora import LoRA
     from jaxrl_fp16.models.decoder import CausalLM
-    from jaxrl_fp16.rl import ppo
-    from jaxrl_fp16.rl.trainer import Trainer, _trainable, make_loss_scale, make_optimizer
+    from jaxrl_fp16.rl.trainable import Trainable, make_rl_step
+    from jaxrl_fp16.rl.trainer import make_loss_scale, make_optimizer
     from jaxrl_fp16.sampling.options import trainer_devices
-    from jaxrl_fp16.step import TrainState, make_train_step
+    from jaxrl_fp16.step import TrainState
 
     cfg = model_config(run)
     devices = list(trainer_devices(jax.devices(), run.sampler.devices) if devices is None else devices)
@@ -252,8 +245,8 @@ def measure(run: RunConfig, *, backend: str | None = None, devices: Sequence[Any
     optimizer = make_optimizer(run)
     lora = None if run.lora is None else LoRA(run.lora.spec(), cfg, {}, run.policy, run.seed,
                                               part="policy" if run.critic.enabled else None)
-    state = jax.eval_shape(lambda p: TrainState.create(_trainable(run, p, lora), optimizer, make_loss_scale(run)),
-                           params)
+    trainable = Trainable(critic=run.critic.enabled, lora=lora)
+    state = jax.eval_shape(lambda p: TrainState.create(trainable.init(p), optimizer, make_loss_scale(run)), params)
     state_sharding = sharding.state_shardings(state, mesh, optimizer)
     state = jax.tree_util.tree_map(_struct, state, state_sharding)
     frozen = None
@@ -264,26 +257,21 @@ def measure(run: RunConfig, *, backend: str | None = None, devices: Sequence[Any
     R, T = shapes.step_rows, shapes.width
     f32 = jnp.float32
     batch = {"tokens": ((R, T), jnp.int32), "attention_mask": ((R, T), jnp.int32), "response_mask": ((R, T), f32),
-             "old_logp": ((R, T), f32), "sampler_logp": ((R, T), f32), "poison": ((R,), f32),
+             "old_logp": ((R, T), f32), "sampler_logp": ((R, T), f32),
              "advantages": ((R, T) if run.critic.enabled else (R,), f32)}
     if run.critic.enabled:
         batch.update(old_values=((R, T), f32), returns=((R, T), f32))
     batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding) for k, (s, d) in batch.items()}
 
-    loss_fn = Trainer._loss_fn.__get__(_LossHost(run, model))
-    step = make_train_step(loss_fn if lora is None else lora.wrap_loss(loss_fn), optimizer, run.policy,
-                           max_grad_norm=None if run.critic.enabled else run.optim.max_grad_norm,
-                           num_microbatches=run.train.microbatches, donate=True, state_sharding=state_sharding,
-                           batch_sharding=batch_sharding)
+    step = make_rl_step(trainable, run, model, optimizer, state_sharding=state_sharding,
+                        batch_sharding=batch_sharding)
     # The step's own jit sets these shardings and donation; this outer jit exposes them to `lower`.
     jitted = jax.jit(step, in_shardings=(state_sharding, batch_sharding, None), out_shardings=(state_sharding, None),
                      donate_argnums=(0,))
     step_memory = _memory(jitted.lower(state, batch, frozen).compile())
 
     # The scorer: the policy's weights cast to the compute dtype (sharded as the masters), a batch replicated.
-    policy = ppo.policy_params(state.params) if run.critic.enabled else state.params
-    if lora is not None:
-        policy = frozen
+    policy = trainable.policy_params(state.params) if lora is None else frozen  # LoRA: the merged base's shapes
     weights = jax.tree_util.tree_map(lambda x: _struct(x, x.sharding, compute), policy)
     replicated = NamedSharding(mesh, PartitionSpec())
     rows = jax.ShapeDtypeStruct((shapes.score_rows, shapes.score_width), jnp.int32, sharding=replicated)

@@ -382,16 +382,17 @@ def test_a_resumed_lora_run_restores_the_adapters_and_pushes_the_merge(arms):
 def test_lora_composes_with_the_critic(tiny):
     """PPO's trainable tree {"policy", "critic"}: the adapters take the policy's place, the critic trains in
     full, and the loss sees the merged policy."""
-    from jaxrl_fp16.rl.trainer import _policy_params, _trainable
+    from jaxrl_fp16.rl.trainable import Trainable
 
     _, cfg, params = tiny
     run = load_config(LORA_CONFIG, ["critic.enabled=true", "lora.targets=[v_proj]"])
-    lora = LoRA.for_run(run, cfg, params)
-    assert lora.part == "policy"
-    tree = _trainable(run, params, lora)
+    trainable = Trainable.for_run(run, cfg, params)
+    lora = trainable.lora
+    assert trainable.critic and lora.part == "policy"
+    tree = trainable.init(params)
     assert set(tree) == {"policy", "critic"} and set(tree["critic"]) == {"backbone", "value_head"}
     assert jax.tree_util.tree_structure(tree["policy"]) == jax.tree_util.tree_structure(lora.init_adapters())
-    assert _policy_params(run, tree) is tree["policy"]
+    assert trainable.policy_params(tree) is tree["policy"] and trainable.critic_params(tree) is tree["critic"]
 
     policy = run.policy
     model = CausalLM(cfg, dtype=policy.compute_dtype)

@@ -37,9 +37,8 @@ from jaxrl_fp16.rl.order import epoch_slice
 from jaxrl_fp16.rl.preferences import PairArrays, split_pairs, tokenize_pairs
 from jaxrl_fp16.rl.sft import ensure_base_model
 from jaxrl_fp16.rl.tasks import make_task
-from jaxrl_fp16.rl.rundir import (SILENT_CHANGES, Interrupted, MetricsLog, ResumeOptions, StopSignals, begin_resume,
-                                  checkpoint_dir, config_dict, finish_resume, refuse_overwrite, signal_name,
-                                  write_config)
+from jaxrl_fp16.rl.loop import begin_run, export_final, inject_overflows, run_loop, start_or_resume
+from jaxrl_fp16.rl.rundir import SILENT_CHANGES, ResumeOptions, checkpoint_dir, config_dict
 from jaxrl_fp16.rl.trainer import make_loss_scale, make_optimizer
 from jaxrl_fp16.step import TrainState, make_train_step
 
@@ -82,9 +81,7 @@ class DPOTrainer:
         self.policy = run.policy
         d = run.dpo
         _check_supported(run)
-        refuse_overwrite(run_dir, resume)
-        if resume:  # before anything is built: nothing to resume, or a config change not allowed
-            begin_resume(run_dir, run, resume_options, DPO_SILENT_CHANGES)
+        begin_run(run_dir, run, resume=resume, options=resume_options, silent=DPO_SILENT_CHANGES)
         self.base_dir = ensure_base_model(run, progress=run.log.progress)
         self.model_cfg, params = load_hf_params(self.base_dir)
         from jaxrl_fp16.models.hf import load_tokenizer
@@ -113,17 +110,14 @@ class DPOTrainer:
         self.step_fn = make_train_step(self._loss_fn, self.optimizer, self.policy,
                                        max_grad_norm=run.optim.max_grad_norm, num_microbatches=d.microbatches,
                                        donate=True)
-        self.state = TrainState.create(params, self.optimizer, make_loss_scale(run))
+        self.update = inject_overflows(self.step_fn, run.debug.inject_overflow_steps)
         os.makedirs(run_dir, exist_ok=True)
         self.checkpointer = Checkpointer(checkpoint_dir(run_dir), keep=run.checkpoint.keep)
-        self.start_step = 0
+        self.state, self.start_step = start_or_resume(
+            run_dir, run, self.checkpointer, TrainState.create(params, self.optimizer, make_loss_scale(run)),
+            resume=resume, options=resume_options, silent=DPO_SILENT_CHANGES, key="step")
         if resume:
-            self.state, meta = self.checkpointer.restore(self.state, fallback=resume_options.fallback)
-            self.start_step = int(meta["step"])
-            finish_resume(run_dir, run, resume_options, meta, self.start_step, DPO_SILENT_CHANGES)
             log.info("resumed from step %d", self.start_step)
-        else:
-            write_config(run_dir, run)
 
     # ----- the loss the jitted step differentiates -----
 
@@ -131,10 +125,7 @@ class DPOTrainer:
         logp_Bx2 = pair_logps(self.model, compute_params, batch["tokens"], batch["attention_mask"],
                               batch["response_mask"])
         ref_Bx2 = batch["ref_logps"]
-        loss, diag = dpo_loss(self.loss_cfg, logp_Bx2[:, 0], logp_Bx2[:, 1], ref_Bx2[:, 0], ref_Bx2[:, 1])
-        # Fault injection for tests and drills: a poisoned batch makes every gradient non-finite.
-        loss = loss * jnp.where(jnp.any(batch["poison"] > 0), jnp.inf, 1.0)
-        return loss, diag
+        return dpo_loss(self.loss_cfg, logp_Bx2[:, 0], logp_Bx2[:, 1], ref_Bx2[:, 0], ref_Bx2[:, 1])
 
     # ----- scoring and evaluation -----
 
@@ -163,10 +154,8 @@ class DPOTrainer:
         d = self.run_cfg.dpo
         t0 = time.perf_counter()
         rows = epoch_slice(len(self.train_data), d.batch_size, step, d.seed)
-        poison = float(int(self.state.step) in self.run_cfg.debug.inject_overflow_steps)
-        batch = {**self.train_data.take(rows), "ref_logps": self.ref_train[rows],
-                 "poison": np.full((len(rows),), poison, np.float32)}
-        self.state, metrics = self.step_fn(self.state, batch)
+        batch = {**self.train_data.take(rows), "ref_logps": self.ref_train[rows]}
+        self.state, metrics = self.update(self.state, batch)
         metrics = jax.device_get(metrics)
         return {
             "step": step + 1,
@@ -183,56 +172,46 @@ class DPOTrainer:
 
     def run(self, steps: int | None = None) -> dict[str, Any]:
         """Trains to `steps` (default `dpo.steps`); returns a summary (also written to `summary.json`)."""
-        from tqdm.auto import tqdm
-
         run = self.run_cfg
         total = run.dpo.steps if steps is None else steps
-        metrics_log = MetricsLog(self.run_dir, self.start_step, tensorboard=run.log.tensorboard,
-                                 purge_step=self.start_step)
-        metrics_path = metrics_log.path
         t_start = time.perf_counter()
-        first_eval = last_eval = None
-        if self.start_step == 0:
-            first_eval = last_eval = self.evaluate()
-            metrics_log.write({"step": 0, **first_eval})
-        elif os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                first_eval = next(({k: v for k, v in m.items() if k != "step"} for m in map(json.loads, f)
-                                   if m["step"] == 0), None)
-        bar = tqdm(range(self.start_step, total), initial=self.start_step, total=total,
-                   desc=f"DPO {run.precision}", disable=not run.log.progress)
-        ckpt_dir = checkpoint_dir(self.run_dir)
-        try:
-            with StopSignals(ckpt_dir, unit="step") as stop:
-                for step in bar:
-                    m = self.train_step(step)
-                    done = step + 1
-                    if done % run.dpo.eval_every == 0 or done == total:
-                        last_eval = self.evaluate()
-                        m.update(last_eval)
-                    metrics_log.write(m)
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}", skip=m["skipped_steps"])
-                    if done % run.checkpoint.every == 0 or done == total or stop.signum is not None:
-                        self.save(done)
-                    if stop.signum is not None:
-                        raise Interrupted(stop.signum, f"stopped by {signal_name(stop.signum)} after step {done} of "
-                                                       f"{total}; checkpoint {done} saved in {ckpt_dir} (continue "
-                                                       f"with --resume)")
-        finally:
-            bar.close()
-            metrics_log.close()
-        hf_dir = os.path.join(self.run_dir, "hf")
-        if run.checkpoint.export_hf and (total > self.start_step or not os.path.isdir(hf_dir)):
-            self.export(hf_dir, overwrite=True)  # the run's own folder: also one an older version wrote
+        first_eval, first_line = self._first_eval()
+        last = {"eval": first_eval if self.start_step == 0 else None}  # the latest held-out metrics of this call
+
+        def one(step: int) -> dict[str, Any]:
+            m = self.train_step(step)
+            if (step + 1) % run.dpo.eval_every == 0 or step + 1 == total:
+                last["eval"] = self.evaluate()
+                m.update(last["eval"])
+            return m
+
+        run_loop(one, run_dir=self.run_dir, start=self.start_step, total=total, every=run.checkpoint.every,
+                 save=self.save, desc=f"DPO {run.precision}", unit="step", progress=run.log.progress,
+                 tensorboard=run.log.tensorboard, purge_step=self.start_step,
+                 postfix=lambda m: dict(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.2f}", skip=m["skipped_steps"]),
+                 first=first_line)
+        export_final(self.run_dir, self.export, enabled=run.checkpoint.export_hf, trained=total > self.start_step)
         summary = {"precision": run.precision, "steps": int(self.state.step),
                    "skipped_steps": int(self.state.skipped_steps),
                    "loss_scale": float(jax.device_get(self.state.loss_scale.loss_scale)),
                    "time/total": time.perf_counter() - t_start, "start": first_eval,
-                   "end": last_eval if last_eval is not None else self.evaluate()}
+                   "end": last["eval"] if last["eval"] is not None else self.evaluate()}
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         return summary
 
+    def _first_eval(self) -> tuple[dict[str, float] | None, dict[str, Any] | None]:
+        """(the held-out metrics at step 0, the metrics line to log for them): evaluated on a fresh run, read back
+        from `metrics.jsonl` on a resume (no line to log; None when the file has none)."""
+        if self.start_step == 0:
+            first = self.evaluate()
+            return first, {"step": 0, **first}
+        path = os.path.join(self.run_dir, "metrics.jsonl")
+        if not os.path.exists(path):
+            return None, None
+        with open(path) as f:
+            return next(({k: v for k, v in m.items() if k != "step"} for m in map(json.loads, f) if m["step"] == 0),
+                        None), None
 
     def save(self, step: int) -> None:
         # `iteration` too, so that `jaxrl-fp16 export` reads DPO runs as it reads RL runs.
