@@ -9,8 +9,8 @@ import pytest
 
 from jaxrl_fp16.models.tiny import CHARS, EOS_TOKEN
 from jaxrl_fp16.rl import rewards
-from jaxrl_fp16.rl.tasks import (MATH_DATASETS, TASKS, OptionError, PerfectibleSet, Problem, Task,
-                                 build_perfectible_set, make_task, pass_rates, score_responses, select_perfectible)
+from jaxrl_fp16.rl.prompts import PerfectibleSet, build_perfectible_set, pass_rates, select_perfectible
+from jaxrl_fp16.rl.tasks import MATH_DATASETS, TASKS, OptionError, Problem, Task, make_task, score_responses
 
 SYNTHETIC = ["addition", "reverse", "sort_digits", "count"]
 

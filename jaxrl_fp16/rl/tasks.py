@@ -1,4 +1,4 @@
-"""Verifiable tasks for RL fine-tuning, and the builder of the paper's "perfectible" training set.
+"""Verifiable tasks for RL fine-tuning: the registry (`TASKS`, `make_task`), the synthetic tasks and scoring.
 
 A task generates problems procedurally (deterministic per seed, no downloads) and scores responses. The
 synthetic tasks suit a tiny character-level model (one token per character): the response is the bare answer
@@ -18,161 +18,31 @@ Every task gives a response that hit the length limit (`truncated=True`) its `tr
 default, as in the paper), whatever its text. `reference_response` is the text for a supervised warm start; the
 caller appends the tokenizer's EOS token.
 
-The perfectible set: sample k responses per problem with any sampler, keep the problems whose pass rate (mean
-reward) lies in [low, high] (20-80% in the paper); a sound pipeline then drives training accuracy above 95%.
+The math task lives in `math_task`, the perfectible-set selection in `prompts`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import random
 import string
-import types
-import typing
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
-from jaxrl_fp16.rl.rewards import clean_response, exact_match_reward, extract_final_answer, math_answers_equal
+from jaxrl_fp16.rl.math_task import MATH_DATASETS, MathWordProblems
+from jaxrl_fp16.rl.rewards import clean_response, exact_match_reward
+from jaxrl_fp16.rl.task_base import OptionError, Problem, Task, TaskBase
 from jaxrl_fp16.validation import ConfigError, check_fields, check_positive
 
 __all__ = ["Problem", "Task", "Addition", "Reverse", "SortDigits", "Count", "DigitString", "MathWordProblems",
-           "MATH_DATASETS", "DIGIT_MODES",
-           "TASKS", "OptionError", "make_task", "TaskSection", "score_responses", "pass_rates", "select_perfectible",
-           "PerfectibleSet", "build_perfectible_set"]
-
-# reasoning-gym datasets whose answers are single numbers (what the math checker compares).
-MATH_DATASETS = ("gsm_symbolic", "basic_arithmetic", "chain_sum")
-
-
-class OptionError(ValueError):
-    """A task option that cannot be used; `keys` names the options at fault."""
-
-    def __init__(self, message: str, *keys: str):
-        super().__init__(message)
-        self.keys = keys
-
-
-def _type_name(tp: Any) -> str:
-    """How an option's annotated type reads in an error ("an integer", "true or false or null", ...)."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join([_type_name(a) for a in args] + ["null"] * (len(args) < len(typing.get_args(tp))))
-    if typing.get_origin(tp) in (Mapping, dict):
-        return "a mapping of names to values"
-    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}.get(tp, str(tp))
-
-
-def _matches(tp: Any, value: Any) -> bool:
-    """Whether `value` has the annotated type `tp` (ints are not bools, floats are finite numbers)."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return any(_matches(a, value) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is Any:
-        return True
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if typing.get_origin(tp) in (Mapping, dict):
-        return isinstance(value, Mapping) and all(isinstance(k, str) for k in value)
-    return isinstance(value, tp)
-
-
-def _non_finite(value: Any) -> bool:
-    """Whether a nested option value holds a float that is not finite."""
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    if isinstance(value, Mapping):
-        return any(_non_finite(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_non_finite(v) for v in value)
-    return False
-
-
-@functools.cache
-def _option_types(factory: type) -> dict[str, Any]:
-    return typing.get_type_hints(factory)
-
-
-def _check_option_types(factory: type, options: Mapping[str, Any]) -> None:
-    """Refuses an option whose value does not have its field's type (ints are ints, floats finite numbers)."""
-    hints = _option_types(factory)
-    for key, value in options.items():
-        tp = hints[key]
-        if not _matches(tp, value):
-            raise OptionError(f"{factory.name}: option {key} must be {_type_name(tp)}, got {value!r}", key)
-        if _non_finite(value):
-            raise OptionError(f"{factory.name}: option {key} holds a non-finite number: {value!r}", key)
+           "MATH_DATASETS", "DIGIT_MODES", "TASKS", "OptionError", "make_task", "TaskSection", "score_responses"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Problem:
-    """One prompt with its gold answer and a reference response (the warm-start target, without EOS)."""
-
-    prompt: str
-    answer: str
-    reference: str
-    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-
-@runtime_checkable
-class Task(Protocol):
-    """A family of verifiable problems."""
-
-    name: str
-    truncated_reward: float
-
-    def generate(self, n: int, seed: int) -> list[Problem]:
-        """`n` problems, the same for the same seed."""
-        ...
-
-    def reward(self, problem: Problem, response_text: str, truncated: bool = False) -> float:
-        """The reward of a response (its decoded text, without the prompt)."""
-        ...
-
-    def reference_response(self, problem: Problem) -> str:
-        """A response that gets reward 1.0 (without EOS)."""
-        ...
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _TaskBase:
-    """Shared plumbing: seeding, the truncation rule and the reference response."""
-
-    name: ClassVar[str]
-    truncated_reward: float = 0.0
-
-    def __post_init__(self):
-        _check_option_types(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
-
-    def generate(self, n: int, seed: int) -> list[Problem]:
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
-        rng = random.Random(f"{self.name}/{int(seed)}")  # str seeds are hashed with SHA-512: stable everywhere
-        return [self._make(rng) for _ in range(n)]
-
-    def reward(self, problem: Problem, response_text: str, truncated: bool = False) -> float:
-        if truncated:
-            return float(self.truncated_reward)
-        return self._score(problem, response_text)
-
-    def reference_response(self, problem: Problem) -> str:
-        return problem.reference
-
-    def _make(self, rng: random.Random) -> Problem:
-        raise NotImplementedError
-
-    def _score(self, problem: Problem, response_text: str) -> float:
-        raise NotImplementedError
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _SyntheticTask(_TaskBase):
+class _SyntheticTask(TaskBase):
     """Exact-match reward on a bare answer; `partial_credit` rewards agreeing characters instead."""
 
     partial_credit: bool = False
@@ -376,75 +246,6 @@ def digit_string_credit(mode: str, digits: str, answer: str, got: str) -> float:
     return correct / width
 
 
-_MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MathWordProblems(_TaskBase):
-    """Math problems from reasoning-gym's procedural generators, for real models.
-
-    Args:
-      dataset: one of `MATH_DATASETS`.
-      dataset_options: fields of that dataset's reasoning-gym config (e.g. {"min_terms": 2, "max_digits": 3}
-        for basic_arithmetic / chain_sum, {"difficulty": 1.0} for gsm_symbolic); `seed` and `size` are set by
-        `generate`.
-      instruction: appended to the question on a new line.
-      use_math_verify: None uses math-verify when installed, False forces the exact numeric comparison.
-      truncated_reward: the reward of a response that hit the length limit.
-    """
-
-    name: ClassVar[str] = "math"
-    dataset: str = "gsm_symbolic"
-    dataset_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    instruction: str = _MATH_INSTRUCTION
-    use_math_verify: bool | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.dataset not in MATH_DATASETS:
-            raise OptionError(f"math: unknown dataset {self.dataset!r}; valid: {', '.join(MATH_DATASETS)}", "dataset")
-        reserved = {"seed", "size"} & set(self.dataset_options)
-        if reserved:
-            raise OptionError(f"math: dataset_options may not set {sorted(reserved)} (generate sets them)",
-                              "dataset_options")
-
-    def generate(self, n: int, seed: int) -> list[Problem]:
-        if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
-        if n == 0:
-            return []
-        import reasoning_gym
-
-        try:
-            data = reasoning_gym.create_dataset(self.dataset, size=n, seed=int(seed), **self.dataset_options)
-        except TypeError as e:
-            raise ValueError(f"math: bad dataset_options for {self.dataset!r}: {e}") from e
-        problems = []
-        for entry in data:
-            meta = {k: v for k, v in entry["metadata"].items() if k != "answer_cot"}
-            answer = str(entry["answer"]).strip()
-            reference = self._reference(answer, entry["metadata"].get("answer_cot"))
-            prompt = f"{entry['question']}\n{self.instruction}" if self.instruction else entry["question"]
-            problems.append(Problem(prompt=prompt, answer=answer, reference=reference,
-                                    metadata={"dataset": self.dataset, "seed": int(seed), **meta}))
-        return problems
-
-    @staticmethod
-    def _reference(answer: str, cot: str | None) -> str:
-        """The dataset's worked solution (gsm_symbolic) with its "#### n" line turned into a boxed answer."""
-        final = f"The final answer is \\boxed{{{answer}}}."
-        if not cot:
-            return final
-        lines = [line for line in cot.rstrip().splitlines() if not line.lstrip().startswith("####")]
-        return "\n".join(lines).rstrip() + "\n" + final
-
-    def _score(self, problem: Problem, response_text: str) -> float:
-        predicted = extract_final_answer(clean_response(response_text))
-        if predicted is None:
-            return 0.0
-        return float(math_answers_equal(predicted, problem.answer, use_math_verify=self.use_math_verify))
-
-
 TASKS: dict[str, Callable[..., Task]] = {
     cls.name: cls for cls in (Addition, Reverse, SortDigits, Count, MathWordProblems)
 }
@@ -528,99 +329,3 @@ def score_responses(task: Task, problems: Sequence[Problem],
                                  f"{i} (prompt {problem.prompt!r}, answer {problem.answer!r})")
             rewards_PxK[i, j] = r
     return rewards_PxK
-
-
-def pass_rates(rewards_N: Any, group_size: int) -> np.ndarray:
-    """Per-prompt mean reward [P] of rewards [N = P * group_size] grouped by prompt (prompt i: rows i*K..i*K+K-1)."""
-    r = np.asarray(rewards_N, np.float64).reshape(-1)
-    if group_size < 1 or r.size % group_size:
-        raise ValueError(f"{r.size} rewards do not split into groups of group_size={group_size}")
-    bad = np.flatnonzero(~np.isfinite(r))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"non-finite reward {r[i]} at row {i} (prompt {i // group_size}); "
-                         f"{bad.size} non-finite in all")
-    return r.reshape(-1, group_size).mean(axis=1)
-
-
-def _check_window(low: float, high: float) -> None:
-    if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
-
-
-def _in_window(rates: np.ndarray, low: float, high: float) -> np.ndarray:
-    """The mask of pass rates in [low, high], bounds included."""
-    _check_window(low, high)
-    return (rates >= low) & (rates <= high)
-
-
-def select_perfectible(problems: Sequence[Problem], pass_rates: Any, low: float = 0.2,
-                       high: float = 0.8) -> list[Problem]:
-    """The problems whose pass rate lies in [low, high] (bounds included), in their original order."""
-    rates = np.asarray(pass_rates, np.float64).reshape(-1)
-    if rates.size != len(problems):
-        raise ValueError(f"{rates.size} pass rates for {len(problems)} problems")
-    if not np.isfinite(rates).all():
-        i = int(np.flatnonzero(~np.isfinite(rates))[0])
-        raise ValueError(f"non-finite pass rate {rates[i]} for problem {i} (prompt {problems[i].prompt!r})")
-    return [p for p, kept in zip(problems, _in_window(rates, low, high)) if kept]
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PerfectibleSet:
-    """The selected problems with their pass rates, the pass rates of every candidate and summary stats."""
-
-    problems: list[Problem]
-    pass_rates: np.ndarray  # [S] of the selected problems
-    candidate_pass_rates: np.ndarray  # [P] of all candidates, in their order
-    stats: dict[str, float]
-
-
-def build_perfectible_set(task: Task, problems: Sequence[Problem],
-                          solve: Callable[[list[str], int], Sequence[Sequence[str | tuple[str, bool]]]], *,
-                          k: int = 8, low: float = 0.2, high: float = 0.8,
-                          batch_size: int | None = None) -> PerfectibleSet:
-    """Estimates each problem's pass rate from `k` sampled responses and keeps those in [low, high].
-
-    Args:
-      task: scores the responses.
-      problems: the candidates (e.g. `task.generate(n, seed)`).
-      solve: `solve(prompts, k)` returns k responses for each prompt: decoded texts, or (text, truncated) pairs
-        so that responses that hit the length limit get the task's truncated reward. Any sampler + tokenizer.
-      k: samples per prompt.
-      low, high: the pass-rate window (the paper's 20-80%).
-      batch_size: prompts per `solve` call (None: all at once).
-
-    Returns:
-      A `PerfectibleSet`; stats: num_candidates, num_selected, fraction_selected, mean_pass_rate (all candidates),
-      mean_pass_rate_selected, fraction_never_solved (rate 0), fraction_always_solved (rate 1), samples_per_prompt.
-    """
-    _check_window(low, high)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    step = max(1, len(problems)) if batch_size is None else batch_size
-    chunks = []
-    for start in range(0, len(problems), step):
-        batch = list(problems[start:start + step])
-        responses = solve([p.prompt for p in batch], k)
-        if any(len(group) != k for group in responses):
-            raise ValueError(f"solve must return {k} responses per prompt")
-        chunks.append(score_responses(task, batch, responses))
-    rewards_PxK = np.concatenate(chunks) if chunks else np.zeros((0, k))
-    rates = pass_rates(rewards_PxK.reshape(-1), k)
-    keep = _in_window(rates, low, high)
-    selected = [p for p, kept in zip(problems, keep) if kept]
-    n = len(problems)
-    stats = {
-        "num_candidates": float(n),
-        "num_selected": float(len(selected)),
-        "fraction_selected": len(selected) / n if n else 0.0,
-        "mean_pass_rate": float(rates.mean()) if n else 0.0,
-        "mean_pass_rate_selected": float(rates[keep].mean()) if selected else 0.0,
-        "fraction_never_solved": float((rates == 0).mean()) if n else 0.0,
-        "fraction_always_solved": float((rates == 1).mean()) if n else 0.0,
-        "samples_per_prompt": float(k),
-    }
-    return PerfectibleSet(problems=selected, pass_rates=rates[keep], candidate_pass_rates=rates, stats=stats)
