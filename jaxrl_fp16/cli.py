@@ -285,7 +285,6 @@ def _sft(args: argparse.Namespace) -> int:
     from jaxrl_fp16.config import load_config
     from jaxrl_fp16.outputs import atomic_dir, check_output_dir
     from jaxrl_fp16.rl.sft import ensure_base_model, run_sft
-    from jaxrl_fp16.rl.tasks import make_task
 
     run = load_config(args.config, args.overrides)
     from jaxrl_fp16.doctor import prepare_determinism
@@ -305,7 +304,7 @@ def _sft(args: argparse.Namespace) -> int:
                 shutil.copytree(path, tmp, dirs_exist_ok=True)
             path = args.out
     else:
-        run_sft(run.model.path, make_task(run.task.name, **dict(run.task.options)), run.model.warm_start,
+        run_sft(run.model.path, run.task.build(), run.model.warm_start,
                 args.out, progress=run.log.progress, overwrite=args.overwrite)
         path = args.out
     print(f"warm-started model: {path}")

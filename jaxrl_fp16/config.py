@@ -170,6 +170,18 @@ class RunConfig:
     def policy(self):
         return get_policy(self.precision)
 
+    def resolved_loss_scale_kind(self) -> str:
+        """`loss_scale.kind` with `auto` resolved for the compute dtype and the `model.emulate` format."""
+        return self.loss_scale.resolved_kind(self.policy.compute_dtype, self.model.numerics().float_format)
+
+    def build_loss_scale(self):
+        """The run's initial loss scale (`LossScaleSection.build`): one construction for RL, DPO and the plan."""
+        return self.loss_scale.build(self.policy.compute_dtype, self.model.numerics().float_format)
+
+    def build_optimizer(self):
+        """The run's optimizer (`OptimSection.build`; PPO: per-group clipping over policy and critic)."""
+        return self.optim.build(self.critic)
+
     def sampler_numerics(self) -> Numerics:
         """The JAX sampler's `Numerics`: the model's, with `sampler.fp32_ops` also in FP32."""
         return Numerics.from_overrides([*self.model.fp32_ops, *self.sampler.fp32_ops], emulate=self.model.emulate)

@@ -226,7 +226,6 @@ def measure(run: RunConfig, *, backend: str | None = None, devices: Sequence[Any
     from jaxrl_fp16.lora import LoRA
     from jaxrl_fp16.models.decoder import CausalLM
     from jaxrl_fp16.rl.trainable import Trainable, make_rl_step
-    from jaxrl_fp16.rl.trainer import make_loss_scale, make_optimizer
     from jaxrl_fp16.sampling.options import trainer_devices
     from jaxrl_fp16.step import TrainState
 
@@ -242,11 +241,11 @@ def measure(run: RunConfig, *, backend: str | None = None, devices: Sequence[Any
     model = CausalLM(cfg, dtype=compute, numerics=numerics, **options)
 
     params = _abstract_params(model)
-    optimizer = make_optimizer(run)
+    optimizer = run.build_optimizer()
     lora = None if run.lora is None else LoRA(run.lora.spec(), cfg, {}, run.policy, run.seed,
                                               part="policy" if run.critic.enabled else None)
     trainable = Trainable(critic=run.critic.enabled, lora=lora)
-    state = jax.eval_shape(lambda p: TrainState.create(trainable.init(p), optimizer, make_loss_scale(run)), params)
+    state = jax.eval_shape(lambda p: TrainState.create(trainable.init(p), optimizer, run.build_loss_scale()), params)
     state_sharding = sharding.state_shardings(state, mesh, optimizer)
     state = jax.tree_util.tree_map(_struct, state, state_sharding)
     frozen = None

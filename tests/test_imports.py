@@ -146,6 +146,13 @@ def test_config_modules_import_at_module_level_only():
     assert not late, f"function-level imports of package modules in config modules: {late}"
 
 
+def test_the_training_core_imports_at_module_level_only():
+    """The RL run's construction, loop and trained tree: no late import working around a cycle."""
+    core = [f"{PACKAGE}.rl.{m}" for m in ("setup", "loop", "trainable", "trainer", "dpo_trainer")]
+    late = {name: sorted(GRAPH[name][1]) for name in core if GRAPH[name][1]}
+    assert not late, f"function-level imports of package modules: {late}"
+
+
 def test_validation_is_a_leaf():
     top, inside = GRAPH[f"{PACKAGE}.validation"]
     assert not top and not inside, f"jaxrl_fp16.validation imports {sorted(top | inside)}"

@@ -31,15 +31,13 @@ import numpy as np
 from jaxrl_fp16.checkpoint import Checkpointer
 from jaxrl_fp16.config import ConfigError, RunConfig
 from jaxrl_fp16.models.decoder import CausalLM, token_logprobs
-from jaxrl_fp16.models.hf import load_hf_params, save_hf_params
+from jaxrl_fp16.models.hf import load_hf_params, load_tokenizer, save_hf_params
 from jaxrl_fp16.rl.dpo import DPO_DIAG_NAMES, dpo_loss, sequence_logps
 from jaxrl_fp16.rl.order import epoch_slice
 from jaxrl_fp16.rl.preferences import PairArrays, split_pairs, tokenize_pairs
 from jaxrl_fp16.rl.sft import ensure_base_model
-from jaxrl_fp16.rl.tasks import make_task
 from jaxrl_fp16.rl.loop import begin_run, export_final, inject_overflows, run_loop, start_or_resume
 from jaxrl_fp16.rl.rundir import SILENT_CHANGES, ResumeOptions, checkpoint_dir, config_dict
-from jaxrl_fp16.rl.trainer import make_loss_scale, make_optimizer
 from jaxrl_fp16.step import TrainState, make_train_step
 
 __all__ = ["DPOTrainer", "pair_logps"]
@@ -84,10 +82,8 @@ class DPOTrainer:
         begin_run(run_dir, run, resume=resume, options=resume_options, silent=DPO_SILENT_CHANGES)
         self.base_dir = ensure_base_model(run, progress=run.log.progress)
         self.model_cfg, params = load_hf_params(self.base_dir)
-        from jaxrl_fp16.models.hf import load_tokenizer
-
         tokenizer = load_tokenizer(self.base_dir)
-        task = make_task(run.task.name, **dict(run.task.options))
+        task = run.task.build()
         self.train_pairs, self.eval_pairs = split_pairs(task, d.num_pairs, d.eval_pairs, d.seed)
         data = tokenize_pairs(self.train_pairs + self.eval_pairs, tokenizer)  # one width for both
         if data.tokens.shape[-1] > self.model_cfg.max_position_embeddings:
@@ -106,7 +102,7 @@ class DPOTrainer:
         self.ref_train = self.score(params, self.train_data)
         self.ref_eval = self.score(params, self.eval_data)
 
-        self.optimizer = make_optimizer(run)
+        self.optimizer = run.build_optimizer()
         self.step_fn = make_train_step(self._loss_fn, self.optimizer, self.policy,
                                        max_grad_norm=run.optim.max_grad_norm, num_microbatches=d.microbatches,
                                        donate=True)
@@ -114,7 +110,7 @@ class DPOTrainer:
         os.makedirs(run_dir, exist_ok=True)
         self.checkpointer = Checkpointer(checkpoint_dir(run_dir), keep=run.checkpoint.keep)
         self.state, self.start_step = start_or_resume(
-            run_dir, run, self.checkpointer, TrainState.create(params, self.optimizer, make_loss_scale(run)),
+            run_dir, run, self.checkpointer, TrainState.create(params, self.optimizer, run.build_loss_scale()),
             resume=resume, options=resume_options, silent=DPO_SILENT_CHANGES, key="step")
         if resume:
             log.info("resumed from step %d", self.start_step)

@@ -28,7 +28,6 @@ from jaxrl_fp16.rl.loop import begin_run, inject_overflows, start_or_resume
 from jaxrl_fp16.rl.prompts import build_prompt_set
 from jaxrl_fp16.rl.rundir import SILENT_CHANGES, ResumeOptions, checkpoint_dir
 from jaxrl_fp16.rl.sft import ensure_base_model
-from jaxrl_fp16.rl.tasks import make_task
 from jaxrl_fp16.rl.trainable import Trainable, make_rl_step
 from jaxrl_fp16.sampling import create_sampler
 from jaxrl_fp16.sampling.options import trainer_devices
@@ -121,8 +120,6 @@ def setup_run(run: RunConfig, run_dir: str, *, resume: bool = False,
               resume_options: ResumeOptions = ResumeOptions()) -> tuple[RunParts, TrainState, int]:
     """(parts, state, start iteration) of an RL run in `run_dir`; a resume restores the latest checkpoint (after
     refusing a config change not allowed, before anything is built) and pushes its weights to the sampler."""
-    from jaxrl_fp16.rl.trainer import make_loss_scale, make_optimizer
-
     begin_run(run_dir, run, resume=resume, options=resume_options, silent=RL_SILENT_CHANGES)
     mesh = make_run_mesh(run)
     _check_processes(run)
@@ -130,7 +127,7 @@ def setup_run(run: RunConfig, run_dir: str, *, resume: bool = False,
     base_dir = ensure_base_model(run, progress=run.log.progress)
     model_cfg, params = load_hf_params(base_dir)
     tokenizer = load_tokenizer(base_dir)
-    task = make_task(run.task.name, **dict(run.task.options))
+    task = run.task.build()
     numerics = run.model.numerics()
     compute = run.policy.compute_dtype
     sampler = create_sampler(run.sampler.name, cfg=model_cfg, params=params, model_dir=base_dir,
@@ -147,12 +144,12 @@ def setup_run(run: RunConfig, run_dir: str, *, resume: bool = False,
     attention = dict(attention=run.model.attention, attention_block=run.model.attention_block)
     scorer = Scorer(model_cfg, dtype=compute, numerics=numerics, **attention)
     model = CausalLM(model_cfg, dtype=compute, numerics=numerics, remat=run.model.remat, **attention)
-    optimizer = make_optimizer(run)
+    optimizer = run.build_optimizer()
     # LoRA: the step trains the adapters; the base rides along in the compute dtype as `frozen`.
     trainable = Trainable.for_run(run, model_cfg, params)
     # Sharded from the start: params placed by the rules, then the state (Adam's moments follow the params).
     placed = sharding.place(params, sharding.param_shardings(params, mesh))
-    state = TrainState.create(trainable.init(placed), optimizer, make_loss_scale(run))
+    state = TrainState.create(trainable.init(placed), optimizer, run.build_loss_scale())
     state_sharding = sharding.state_shardings(state, mesh, optimizer)
     batch_sharding = sharding.batch_sharding(mesh)
     state = sharding.place(state, state_sharding)

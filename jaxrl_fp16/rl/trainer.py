@@ -56,18 +56,18 @@ log = logging.getLogger(__name__)
 
 
 def resolved_loss_scale_kind(run: RunConfig) -> str:
-    """`loss_scale.kind` with `auto` resolved for the run's compute dtype and `model.emulate` format."""
-    return run.loss_scale.resolved_kind(run.policy.compute_dtype, run.model.numerics().float_format)
+    """`loss_scale.kind` with `auto` resolved (`RunConfig.resolved_loss_scale_kind`)."""
+    return run.resolved_loss_scale_kind()
 
 
 def make_loss_scale(run: RunConfig) -> LossScale:
-    """The run's initial loss scale (`LossScaleSection.build`)."""
-    return run.loss_scale.build(run.policy.compute_dtype, run.model.numerics().float_format)
+    """The run's initial loss scale (`RunConfig.build_loss_scale`)."""
+    return run.build_loss_scale()
 
 
 def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
-    """The run's optimizer (`OptimSection.build`; PPO: per-group clipping over policy and critic)."""
-    return run.optim.build(run.critic)
+    """The run's optimizer (`RunConfig.build_optimizer`)."""
+    return run.build_optimizer()
 
 
 def _pad_left(x: np.ndarray, width: int, value: Any = 0) -> np.ndarray:
