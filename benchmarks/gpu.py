@@ -188,7 +188,7 @@ def vllm_skip_reason(backend: str, smoke: bool) -> str | None:
 def cap_jax_memory(environ, engine_share: float = ENGINE_SHARE) -> str | None:
     """Caps JAX's preallocated pool so that the vLLM engine finds its share free (`doctor.memory_split`); sets
     XLA_PYTHON_CLIENT_MEM_FRACTION unless the user did; returns what was set. Call before JAX starts."""
-    from jaxrl_fp16.doctor import JAX_FRACTION_ENV, memory_split
+    from jaxrl_fp16.tools.doctor import JAX_FRACTION_ENV, memory_split
 
     share = memory_split(engine_share, environ.get(JAX_FRACTION_ENV))
     if JAX_FRACTION_ENV in environ:
@@ -204,7 +204,7 @@ def sharpened(params, factor: float):
 
 def _mismatch(engine, scorer, params, prompts, settings) -> dict:
     """The engine samples, the trainer rescores the same tokens in FP16: the `mismatch/*` metrics."""
-    from jaxrl_fp16.analysis import measure_mismatch
+    from jaxrl_fp16.tools.analysis import measure_mismatch
 
     return measure_mismatch(engine, scorer, params, prompts, settings).summary
 

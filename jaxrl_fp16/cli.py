@@ -26,7 +26,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _mismatch(args: argparse.Namespace) -> int:
-    from jaxrl_fp16 import analysis
+    from jaxrl_fp16.tools import analysis
     from jaxrl_fp16.models.config import ModelConfig, Numerics
     from jaxrl_fp16.models.hf import load_hf_params
     from jaxrl_fp16.outputs import ensure_writable_dir
@@ -87,8 +87,8 @@ def _mismatch(args: argparse.Namespace) -> int:
 
 
 def _fp16_check(args: argparse.Namespace) -> int:
-    from jaxrl_fp16 import analysis
-    from jaxrl_fp16.fp16_check import fp16_readiness
+    from jaxrl_fp16.tools import analysis
+    from jaxrl_fp16.tools.fp16_check import fp16_readiness
     from jaxrl_fp16.models.hf import load_hf_params
     from jaxrl_fp16.outputs import ensure_writable_file
     from jaxrl_fp16.models.inference import left_pad
@@ -120,7 +120,7 @@ def _fp16_check(args: argparse.Namespace) -> int:
 def _study(args: argparse.Namespace) -> int:
     from jaxrl_fp16.outputs import ensure_writable_dir
     from jaxrl_fp16.precision import parse_dtype
-    from jaxrl_fp16.study import run_study
+    from jaxrl_fp16.tools.study import run_study
 
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     for d in dtypes:
@@ -137,7 +137,7 @@ def _study(args: argparse.Namespace) -> int:
 
 def _sanity(args: argparse.Namespace) -> int:
     from jaxrl_fp16.outputs import ensure_writable_dir
-    from jaxrl_fp16.sanity import run_sanity
+    from jaxrl_fp16.tools.sanity import run_sanity
 
     ensure_writable_dir(args.out)
     report = run_sanity(args.out, quick=args.quick, sampler=args.sampler, overrides=args.overrides,
@@ -149,7 +149,7 @@ def _sanity(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from jaxrl_fp16.outputs import ensure_writable_dir
-    from jaxrl_fp16.sweep import parse_formats, run_sweep
+    from jaxrl_fp16.tools.sweep import parse_formats, run_sweep
 
     formats = parse_formats(args.formats) if args.formats else None
     ensure_writable_dir(args.out)
@@ -171,7 +171,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides.append(f"train.iterations={args.steps}")
     run = load_config(args.config, overrides)
-    from jaxrl_fp16.doctor import prepare_gpus
+    from jaxrl_fp16.tools.doctor import prepare_gpus
 
     prepare_gpus(run)  # GPU shares and debug.deterministic (XLA_FLAGS): before JAX starts its backends
     if run.distributed.enabled:  # several processes: before any JAX computation
@@ -180,7 +180,7 @@ def _train(args: argparse.Namespace) -> int:
         d = run.distributed
         initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
     if _plan_wanted(args.plan, run):  # the memory plan first: before any file is written or weight read
-        from jaxrl_fp16.plan import plan_before_training
+        from jaxrl_fp16.tools.plan import plan_before_training
 
         plan_before_training(run)
     run_dir = args.run_dir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
@@ -210,7 +210,7 @@ def _plan_wanted(choice: str, run) -> bool:
     """`train --plan {auto,on,off}`: auto plans a model from `model.path` of PLAN_MIN_PARAMS parameters or more."""
     if choice != "auto":
         return choice == "on"
-    from jaxrl_fp16.plan import PLAN_MIN_PARAMS, model_config
+    from jaxrl_fp16.tools.plan import PLAN_MIN_PARAMS, model_config
 
     if run.model.path is None or not os.path.isfile(os.path.join(run.model.path, "config.json")):
         return False  # the built-in tiny model, or a folder the trainer reports on
@@ -218,14 +218,14 @@ def _plan_wanted(choice: str, run) -> bool:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from jaxrl_fp16 import plan
+    from jaxrl_fp16.tools import plan
 
     return plan.main(args.config, args.overrides, num_devices=args.num_devices, device_gib=args.device_memory_gib,
                      json_path=args.json)
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from jaxrl_fp16 import doctor
+    from jaxrl_fp16.tools import doctor
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not os.path.exists(config):  # no config, overrides only
@@ -251,7 +251,7 @@ def _dpo(args: argparse.Namespace) -> int:
     if args.steps is not None:
         overrides.append(f"dpo.steps={args.steps}")
     run = load_config(config, overrides)
-    from jaxrl_fp16.doctor import prepare_determinism
+    from jaxrl_fp16.tools.doctor import prepare_determinism
 
     prepare_determinism(run)  # debug.deterministic: XLA's flag, before JAX starts its backends
     run_dir = args.run_dir or os.path.join("runs", "dpo_" + os.path.splitext(os.path.basename(config))[0])
@@ -287,7 +287,7 @@ def _sft(args: argparse.Namespace) -> int:
     from jaxrl_fp16.rl.sft import ensure_base_model, run_sft
 
     run = load_config(args.config, args.overrides)
-    from jaxrl_fp16.doctor import prepare_determinism
+    from jaxrl_fp16.tools.doctor import prepare_determinism
 
     prepare_determinism(run)  # debug.deterministic: XLA's flag, before JAX starts its backends
     if run.model.path is not None and not args.out:

@@ -1,6 +1,6 @@
 """A per-device memory formula of training under a mesh: a quick guide (the doctor's, the trainer's after loading).
 
-The authority is `jaxrl_fp16.plan` (`jaxrl-fp16 plan`), which compiles the real update step ahead of time and
+The authority is `jaxrl_fp16.tools.plan` (`jaxrl-fp16 plan`), which compiles the real update step ahead of time and
 reads XLA's memory analysis; the terms below follow what that compiled step keeps (README "Memory plan" has
 both side by side).
 

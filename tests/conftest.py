@@ -20,7 +20,7 @@
   `task.name`, `task.options`), so modules whose configs agree on those keys share one build: test_trainer,
   test_lora and test_ppo (configs/tiny_fp16.yaml with a 300-step warm start) do. A CLI test (test_sanity's
   `jaxrl-fp16 sanity`) uses it the same way: load the run config the command builds
-  (`load_config(jaxrl_fp16.sanity.preset_path(), overrides)`), and give the command
+  (`load_config(jaxrl_fp16.tools.sanity.preset_path(), overrides)`), and give the command
   `model.cache_dir=<the folder returned>`; it shares the others' build when its warm start and task keys equal
   theirs. Each module gets its own folder (linking the shared build) because the prompt-set cache that runs
   write next to the base model is not safe for two processes writing the same file at once.

@@ -12,7 +12,7 @@ import pytest
 
 from jaxrl_fp16 import cli
 from jaxrl_fp16.config import ConfigError, SamplerSection, load_config
-from jaxrl_fp16.doctor import (JAX_FRACTION_ENV, PREALLOCATE_ENV, count_gpus, determinism_problems,
+from jaxrl_fp16.tools.doctor import (JAX_FRACTION_ENV, PREALLOCATE_ENV, count_gpus, determinism_problems,
                                determinism_report, gpu_plan, jax_visible_devices, memory_split, package_versions,
                                requirement_problems)
 from jaxrl_fp16.sampling.options import VLLMOptions, default_max_model_len, engine_memory_utilization

@@ -340,7 +340,7 @@ def test_emulated_training_gradients(tiny):
 
 
 def test_study_override_variants_keep_the_emulated_format():
-    from jaxrl_fp16.study import override_variants
+    from jaxrl_fp16.tools.study import override_variants
 
     variants = override_variants(Numerics(emulate="e5m10"))
     assert set(variants) >= {"baseline", "none", "all", *Numerics.op_classes()}

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl_fp16 import fp16_check
-from jaxrl_fp16.fp16_check import LAYER_OPS, fp16_readiness
+from jaxrl_fp16.tools import fp16_check
+from jaxrl_fp16.tools.fp16_check import LAYER_OPS, fp16_readiness
 from jaxrl_fp16.models.config import ModelConfig
 from jaxrl_fp16.models.decoder import CausalLM, causal_inputs
 from jaxrl_fp16.models.hf_table import expected_params_shapes

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from jaxrl_fp16.config import load_config
-from jaxrl_fp16.smoke import FULL, TINY, smoke_overrides
+from jaxrl_fp16.tools.smoke import FULL, TINY, smoke_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "gpu_smoke.sh")

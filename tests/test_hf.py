@@ -360,7 +360,7 @@ def test_a_folder_without_tokenizer_files_is_named(tiny_dirs, tmp_path):
                            ignore=shutil.ignore_patterns("tokenizer*"))
     with pytest.raises(hf.TokenizerNotFoundError, match=rf"{path} holds no tokenizer: expected tokenizer.json"):
         hf.load_tokenizer(path)
-    from jaxrl_fp16.analysis import load_prompts
+    from jaxrl_fp16.tools.analysis import load_prompts
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("1+2=\n")

@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from jaxrl_fp16 import cli, plan
+from jaxrl_fp16 import cli
+from jaxrl_fp16.tools import plan
 from jaxrl_fp16.config import load_config
 from jaxrl_fp16.memory import DoesNotFitError
 

@@ -111,7 +111,7 @@ def test_cli_fails_before_any_work(tmp_path, capsys):
 
 
 def test_the_sanity_preset_parses():
-    from jaxrl_fp16.sanity import preset_path
+    from jaxrl_fp16.tools.sanity import preset_path
 
     assert load_config(preset_path()).train.samples_per_prompt >= 2
 

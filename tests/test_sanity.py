@@ -6,7 +6,7 @@ import pytest
 
 from jaxrl_fp16.cli import main
 from jaxrl_fp16.config import ConfigError, load_config
-from jaxrl_fp16.sanity import arm_configs, arms_for, findings, preset_path, seed_overrides
+from jaxrl_fp16.tools.sanity import arm_configs, arms_for, findings, preset_path, seed_overrides
 
 
 QUICK = ["model.warm_start.steps=300", "task.num_problems=64", "perfectible.enabled=false", "train.iterations=6",

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl_fp16 import mismatch, study
-from jaxrl_fp16.analysis import random_prompts
+from jaxrl_fp16 import mismatch
+from jaxrl_fp16.tools import study
+from jaxrl_fp16.tools.analysis import random_prompts
 from jaxrl_fp16.models.config import ModelConfig, Numerics
 from jaxrl_fp16.models.decoder import CausalLM, causal_inputs
 from jaxrl_fp16.models.hf import load_hf_params, save_hf_params

@@ -16,8 +16,8 @@ from jaxrl_fp16.models.config import ModelConfig, Numerics
 from jaxrl_fp16.models.decoder import CausalLM, causal_inputs, token_logprobs
 from jaxrl_fp16.rl.tasks import OptionError, Problem, make_task
 from jaxrl_fp16.rl.trainer import make_loss_scale, resolved_loss_scale_kind
-from jaxrl_fp16.sanity import preset_path
-from jaxrl_fp16.sweep import QUICK_FORMATS, ROW_KEYS, parse_formats, sweep_row
+from jaxrl_fp16.tools.sanity import preset_path
+from jaxrl_fp16.tools.sweep import QUICK_FORMATS, ROW_KEYS, parse_formats, sweep_row
 
 NOISE = 1e-11
 TINY = ["model.warm_start.steps=300", "task.num_problems=64", "perfectible.enabled=false", "train.iterations=2",

@@ -486,7 +486,7 @@ class VLLMSampler(BaseSampler):
           seed: the engine's global seed (each request also gets its own seed, see `generate`).
           gpu_memory_utilization: the fraction of each of its GPUs vLLM may take (weights, activations, KV cache);
             None: `engine_memory_utilization` (0.35 beside the trainer's JAX, whose share
-            `jaxrl_fp16.doctor.gpu_plan` caps with XLA_PYTHON_CLIENT_MEM_FRACTION; 0.9 with `devices`). Unused on
+            `jaxrl_fp16.tools.doctor.gpu_plan` caps with XLA_PYTHON_CLIENT_MEM_FRACTION; 0.9 with `devices`). Unused on
             CPU, where VLLM_CPU_KVCACHE_SPACE (GiB, default 1 here) sizes the KV cache.
           tensor_parallel_size: GPUs per engine; above 1 the engine has worker processes (started with
             VLLM_WORKER_MULTIPROC_METHOD=spawn unless set: forking a process whose JAX holds CUDA is unsafe) and

@@ -27,7 +27,7 @@ from jaxrl_fp16.models.config import ModelConfig, Numerics
 from jaxrl_fp16.precision import as_dtype
 from jaxrl_fp16.sampling.base import Rollout
 from jaxrl_fp16.scoring import Scorer
-from jaxrl_fp16.study import paths
+from jaxrl_fp16.tools.study import paths
 
 __all__ = ["OP_CLASSES", "SCALE_Q", "override_variants", "override_table", "best_override", "fp32_ops"]
 

@@ -79,7 +79,7 @@ def seq_log_ratio_vs_length(series: Mapping[str, Series], path: str) -> None:
     plt.close(fig)
 
 
-# ----- precision study (jaxrl_fp16.study) -----
+# ----- precision study (jaxrl_fp16.tools.study) -----
 
 _DRIFT_STYLES = (  # (column prefix, legend text, line style, marker, filled marker)
     ("inf_vs_train", "inference vs training, both in the dtype", "-", "o", True),
@@ -190,7 +190,7 @@ def override_gap_plot(tables: Mapping[str, list[dict]], path: str,
 def mismatch_vs_length_plot(series: Mapping[str, Mapping[str, np.ndarray]], path: str) -> None:
     """Token mismatch |log pi - log mu| and sequence log-ratio |prefix sum| against the response position k.
 
-    `series` maps a label (dtype) to the arrays of `jaxrl_fp16.study.mismatch_vs_length`. Thin lines: every k;
+    `series` maps a label (dtype) to the arrays of `jaxrl_fp16.tools.study.mismatch_vs_length`. Thin lines: every k;
     markers: bins of k.
     """
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4))

@@ -1,4 +1,4 @@
-"""The GPU smoke test (`scripts/gpu_smoke.sh`, `python -m jaxrl_fp16.smoke`): one RL iteration on one GPU host,
+"""The GPU smoke test (`scripts/gpu_smoke.sh`, `python -m jaxrl_fp16.tools.smoke`): one RL iteration on one GPU host,
 end to end, with the time of each phase, the peak device memory and the mismatch metrics.
 
     build model   a Qwen2.5-1.5B-shaped Qwen2 (hidden 1536, 28 layers, 12 heads, 2 KV heads, intermediate 8960,
@@ -131,7 +131,7 @@ def run_smoke(out: str, *, tiny: bool = False, sampler: str = "vllm", iterations
               overrides: Sequence[str] = (), rebuild: bool = False, cuda_graphs: bool = False) -> dict[str, Any]:
     """Runs the smoke test into folder `out` (model/, run/, smoke.json); returns the summary written there."""
     from jaxrl_fp16.config import load_config
-    from jaxrl_fp16.doctor import package_versions, prepare_gpus
+    from jaxrl_fp16.tools.doctor import package_versions, prepare_gpus
     from jaxrl_fp16.outputs import ensure_writable_dir
 
     size = TINY if tiny else FULL

@@ -21,17 +21,17 @@ from typing import Any, Sequence
 import numpy as np
 
 from jaxrl_fp16 import mismatch
-from jaxrl_fp16.analysis import json_safe, random_prompts
+from jaxrl_fp16.tools.analysis import json_safe, random_prompts
 from jaxrl_fp16.models.config import Numerics
 from jaxrl_fp16.models.hf import load_hf_params
 from jaxrl_fp16.precision import dtype_name
 from jaxrl_fp16.sampling.base import SamplingSettings
 from jaxrl_fp16.sampling.jax_sampler import JaxSampler
 from jaxrl_fp16.scoring import Scorer
-from jaxrl_fp16.study import paths
-from jaxrl_fp16.study.layers import layer_drift
-from jaxrl_fp16.study.length import mismatch_vs_length
-from jaxrl_fp16.study.overrides import best_override, fp32_ops, override_table
+from jaxrl_fp16.tools.study import paths
+from jaxrl_fp16.tools.study.layers import layer_drift
+from jaxrl_fp16.tools.study.length import mismatch_vs_length
+from jaxrl_fp16.tools.study.overrides import best_override, fp32_ops, override_table
 
 __all__ = ["run_study", "to_markdown", "format_report", "STUDY_FILES"]
 
@@ -151,7 +151,7 @@ def _label(dt: str) -> str:
 
 
 def _write_plots(result: dict[str, Any], out_dir: str | os.PathLike) -> list[str]:
-    from jaxrl_fp16 import plots
+    from jaxrl_fp16.tools import plots
 
     per = result["dtypes"]
     plots.layer_drift_plot({_label(dt): d["layer_drift"] for dt, d in per.items()},

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from jaxrl_fp16.emulation import FloatFormat
-from jaxrl_fp16.sanity import (EDGE, SMOOTH, Arm, arm_configs, engine_sentence, preset_path, read_metrics,
+from jaxrl_fp16.tools.sanity import (EDGE, SMOOTH, Arm, arm_configs, engine_sentence, preset_path, read_metrics,
                                reproducibility, run_status, summarize_arm, train_arm)
 
 __all__ = ["SweepFormat", "parse_formats", "QUICK_FORMATS", "FULL_FORMATS", "LONG_FORMATS", "sweep_row",
@@ -301,7 +301,7 @@ def _safe_ratio(a: float, b: float) -> str:
 
 def _curves(out: str, rows: list[dict[str, Any]], arm: str, key: str, file: str, ylabel: str, title: str,
             log: bool = False, smooth: int = 1) -> str:
-    from jaxrl_fp16 import plots
+    from jaxrl_fp16.tools import plots
 
     series = {f"{r['format']} s{r['seed']}": [m[key] for m in read_metrics(os.path.join(out, r["run_dir"],
                                                                                         "metrics.jsonl"))]
@@ -312,7 +312,7 @@ def _curves(out: str, rows: list[dict[str, Any]], arm: str, key: str, file: str,
 
 def write_sweep_report(out: str, rows: list[dict[str, Any]], setups: dict[str, Any]) -> dict[str, Any]:
     """`out/sweep.json`, `out/report.md` and its plots from the rows."""
-    from jaxrl_fp16 import plots
+    from jaxrl_fp16.tools import plots
 
     main = [r for r in rows if r["arm"] == "sanity"]
     images = []

@@ -258,7 +258,7 @@ def reproducibility(setup: dict[str, Any]) -> list[str]:
 
 
 def write_report(out: str, rows: dict[str, dict[str, Any]], setup: dict[str, Any]) -> dict[str, Any]:
-    from jaxrl_fp16 import plots
+    from jaxrl_fp16.tools import plots
 
     series = {name: read_metrics(os.path.join(out, name, "metrics.jsonl")) for name in rows}
     plots.training_curves({n: [m["reward/accuracy"] for m in s] for n, s in series.items()},

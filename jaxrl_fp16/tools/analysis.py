@@ -71,7 +71,7 @@ def save_mismatch(result: MismatchResult, out_dir: str | os.PathLike, plots: boo
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(json_safe(result.summary), f, indent=2)
     if plots:
-        from jaxrl_fp16 import plots as plotting
+        from jaxrl_fp16.tools import plots as plotting
 
         label = f"sampler {result.summary['sampler_dtype']} / trainer {result.summary['trainer_dtype']}"
         plotting.token_prob_scatter({label: (r.logprobs, result.trainer_logprobs, r.response_mask)},
