@@ -26,7 +26,7 @@ from benchmarks.decode import prefix_agreement, random_prompts, responses
 from jaxrl_fp16.models.hf import load_hf_params
 from jaxrl_fp16.models.hf_table import hf_state_dict
 from jaxrl_fp16.sampling import JaxSampler, SamplingSettings, create_sampler
-from jaxrl_fp16.sampling.vllm_sampler import torch_weights
+from jaxrl_fp16.sampling.vllm_push import torch_weights
 
 __all__ = ["run_weight_push"]
 

