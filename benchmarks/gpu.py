@@ -176,7 +176,7 @@ def bench_decode(cfg: ModelConfig, params, dtype: str, rows: int, prompt_len: in
 def vllm_skip_reason(backend: str, smoke: bool) -> str | None:
     """Why the vLLM rows cannot run here (None: they can): no vllm installed, or JAX not on a GPU (outside
     --smoke, which runs them on any backend vLLM supports, to check the code)."""
-    from jaxrl_fp16.sampling.vllm_sampler import installed_vllm
+    from jaxrl_fp16.sampling.vllm_api import installed_vllm
 
     if installed_vllm() is None:
         return "vllm is not installed (make install-gpu installs it with JAX for CUDA)"
@@ -186,9 +186,9 @@ def vllm_skip_reason(backend: str, smoke: bool) -> str | None:
 
 
 def cap_jax_memory(environ, engine_share: float = ENGINE_SHARE) -> str | None:
-    """Caps JAX's preallocated pool so that the vLLM engine finds its share free (`doctor.memory_split`); sets
+    """Caps JAX's preallocated pool so that the vLLM engine finds its share free (`gpu_host.memory_split`); sets
     XLA_PYTHON_CLIENT_MEM_FRACTION unless the user did; returns what was set. Call before JAX starts."""
-    from jaxrl_fp16.tools.doctor import JAX_FRACTION_ENV, memory_split
+    from jaxrl_fp16.gpu_host import JAX_FRACTION_ENV, memory_split
 
     share = memory_split(engine_share, environ.get(JAX_FRACTION_ENV))
     if JAX_FRACTION_ENV in environ:
@@ -276,7 +276,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from jaxrl_fp16.sampling.vllm_sampler import installed_vllm
+    from jaxrl_fp16.sampling.vllm_api import installed_vllm
 
     from jaxrl_fp16._xla_flags import started_backends
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from jaxrl_fp16 import cli
+from jaxrl_fp16 import cli, commands
 from jaxrl_fp16.tools import plan
 from jaxrl_fp16.config import load_config
 from jaxrl_fp16.memory import DoesNotFitError
@@ -115,12 +115,12 @@ def test_gpu_share_reuses_the_doctors_split():
 
 
 def test_train_plans_only_large_models_from_a_folder(tiny_folder, tmp_path):
-    assert not cli._plan_wanted("auto", load_config(CONFIG))  # the built-in tiny model: no compile added
-    assert not cli._plan_wanted("auto", load_config(CONFIG, [f"model.path={tiny_folder}"]))
+    assert not commands.plan_wanted("auto", load_config(CONFIG))  # the built-in tiny model: no compile added
+    assert not commands.plan_wanted("auto", load_config(CONFIG, [f"model.path={tiny_folder}"]))
     huge = _config_folder(tmp_path / "huge", HUGE_SHAPE)
-    assert cli._plan_wanted("auto", load_config(CONFIG, [f"model.path={huge}"]))
-    assert not cli._plan_wanted("off", load_config(CONFIG, [f"model.path={huge}"]))
-    assert cli._plan_wanted("on", load_config(CONFIG, [f"model.path={tiny_folder}"]))
+    assert commands.plan_wanted("auto", load_config(CONFIG, [f"model.path={huge}"]))
+    assert not commands.plan_wanted("off", load_config(CONFIG, [f"model.path={huge}"]))
+    assert commands.plan_wanted("on", load_config(CONFIG, [f"model.path={tiny_folder}"]))
 
 
 def test_train_refuses_an_oversized_run_before_any_other_work(tmp_path, capsys):

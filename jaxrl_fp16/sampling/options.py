@@ -110,7 +110,7 @@ def trainer_devices(devices: Sequence[Any], engine_devices: Sequence[int] | None
       engine_devices: the engine's devices on every host, as local device ordinals (`sampler.devices`); None:
         the engine shares the trainer's devices, and the mesh spans them all.
       jax_visible: JAX's `jax_cuda_visible_devices` setting (None: read it). Anything but "all" means JAX was
-        already restricted to the trainer's GPUs (the GPU plan of `jaxrl_fp16.tools.doctor` does that), so `devices`
+        already restricted to the trainer's GPUs (the GPU plan of `jaxrl_fp16.gpu_host` does that), so `devices`
         are the trainer's.
 
     Returns:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from jaxrl_fp16.config import RunConfig
+from jaxrl_fp16.gpu_host import JAX_DEFAULT_FRACTION, JAX_FRACTION_ENV, PREALLOCATE_ENV, _host_memory, gpu_plan
 from jaxrl_fp16.memory import DoesNotFitError, format_bytes
 from jaxrl_fp16.models.config import ModelConfig
 
@@ -333,8 +334,6 @@ def device_share(run: RunConfig, device_bytes: int, backend: str,
     """(sampler bytes, reserved bytes, note) on one trainer device of `device_bytes`, from the doctor's GPU plan
     (`doctor.gpu_plan`): on a GPU the vLLM engine sharing it takes `sampler.gpu_memory_utilization`, and JAX's pool
     is its `XLA_PYTHON_CLIENT_MEM_FRACTION`; the rest is reserved. On a CPU nothing is split."""
-    from jaxrl_fp16.tools.doctor import JAX_DEFAULT_FRACTION, JAX_FRACTION_ENV, gpu_plan
-
     if backend != "gpu":
         return 0, 0, f"backend {backend}: no GPU split (a vLLM engine on a CPU holds its own KV-cache space)"
     environ = os.environ if environ is None else environ
@@ -460,7 +459,6 @@ def write_config_json(name: str, out_dir: str | os.PathLike) -> str:
 
 def host_device_bytes(devices: Sequence[Any]) -> int:
     """Each device's memory: a GPU's whole memory (JAX's limit over its pool fraction), or the host's RAM."""
-    from jaxrl_fp16.tools.doctor import JAX_DEFAULT_FRACTION, JAX_FRACTION_ENV, _host_memory
     from jaxrl_fp16.memory import device_bytes_limit
 
     limit = device_bytes_limit(devices)
@@ -512,7 +510,6 @@ def main(config: str, overrides: Sequence[str], *, num_devices: int | None = Non
          device_gib: float | None = None, json_path: str | None = None) -> int:
     """`jaxrl-fp16 plan`: prints the table; 0 when the run fits, DoesNotFitError (exit 3) when not."""
     from jaxrl_fp16.config import load_config
-    from jaxrl_fp16.tools.doctor import PREALLOCATE_ENV
 
     if device_gib is not None and not device_gib > 0:
         raise ValueError(f"--device-memory-gib={device_gib} must be > 0")

@@ -4,7 +4,7 @@ end to end, with the time of each phase, the peak device memory and the mismatch
     build model   a Qwen2.5-1.5B-shaped Qwen2 (hidden 1536, 28 layers, 12 heads, 2 KV heads, intermediate 8960,
                   vocabulary 151936, tied embeddings) with random weights and the character tokenizer, written
                   locally (`make_tiny`; nothing is downloaded; reused when the folder already holds that shape)
-    GPU plan      JAX's and vLLM's shares of the GPU (`doctor.prepare_gpus`), before JAX starts
+    GPU plan      JAX's and vLLM's shares of the GPU (`gpu_host.prepare_gpus`), before JAX starts
     setup         the `Trainer`: weights loaded, the sampler built (vLLM in FP16, in-process) and pushed to
     iteration     sample 8 prompts x 4 responses of up to 512 tokens (time/sample), rewards (time/score), the
                   trainer's log-probs and the mismatch (time/logprobs), 2 optimizer steps of 4 micro-batches
@@ -131,7 +131,8 @@ def run_smoke(out: str, *, tiny: bool = False, sampler: str = "vllm", iterations
               overrides: Sequence[str] = (), rebuild: bool = False, cuda_graphs: bool = False) -> dict[str, Any]:
     """Runs the smoke test into folder `out` (model/, run/, smoke.json); returns the summary written there."""
     from jaxrl_fp16.config import load_config
-    from jaxrl_fp16.tools.doctor import package_versions, prepare_gpus
+    from jaxrl_fp16.gpu_host import prepare_gpus
+    from jaxrl_fp16.tools.doctor import package_versions
     from jaxrl_fp16.outputs import ensure_writable_dir
 
     size = TINY if tiny else FULL
