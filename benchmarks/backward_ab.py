@@ -3,11 +3,11 @@
     python -m benchmarks.backward_ab OLD_DECODER.py [--size small] [--dtype float32] [--repeats 9]
 
 OLD_DECODER.py is another copy of `jaxrl_fp16/models/decoder.py` (e.g. `git show HEAD~1:jaxrl_fp16/models/decoder.py
-> /tmp/old.py`). Each round times the forward (loss), the gradient, the full step (`train_step.OurTrainStep`'s
-optimizer and loss scaling) of both versions and the PyTorch step, round-robin; prints medians, the
-backward/forward ratio (gradient time minus forward, over forward) and each step's ratio to PyTorch. Both versions'
-gradients are compared bit for bit before timing. Only for profiling changes to the decoder; `make bench` does
-not run it.
+> /tmp/old.py`; the copy takes its building blocks, `jaxrl_fp16.models.layers`, from this tree). Each round times
+the forward (loss), the gradient, the full step (`train_step.OurTrainStep`'s optimizer and loss scaling) of both
+versions and the PyTorch step, round-robin; prints medians, the backward/forward ratio (gradient time minus forward,
+over forward) and each step's ratio to PyTorch. Both versions' gradients are compared bit for bit before timing.
+Only for profiling changes to the decoder; `make bench` does not run it.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ import pytest
 
 from jaxrl_fp16.models import attention as attn
 from jaxrl_fp16.models.config import ModelConfig, Numerics, RopeScaling
-from jaxrl_fp16.models.decoder import CausalLM, arith, causal_inputs, token_logprobs
+from jaxrl_fp16.models.decoder import CausalLM, causal_inputs, token_logprobs
+from jaxrl_fp16.models.layers import arith
 
 CONFIGS = {
     "qwen2": ModelConfig(arch="qwen2", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,

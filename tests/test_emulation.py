@@ -356,7 +356,7 @@ def test_masked_scores_stay_out_of_the_emulated_softmax(name):
     rounds to -inf (exp: 0) and a finite (fn) one to NaN. Masked entries get probability 0 and gradient 0 in every
     format, a fully masked row is uniform, and a NaN score still gives NaN (nothing real is hidden)."""
     from jaxrl_fp16.models.attention import softmax
-    from jaxrl_fp16.models.decoder import arith
+    from jaxrl_fp16.models.layers import arith
 
     fmt = FloatFormat.parse(name)
     ar = arith(jnp.float32, fmt)
@@ -404,7 +404,7 @@ def test_emulated_sigmoid_is_xla_fp8_logistic(name, dtype):
     """SiLU's sigmoid is XLA's expansion 1 / (1 + exp(-x)), each op in the format. exp(-x) passes the largest
     finite below x = -ln(max): e4m3 rounds it to inf (sigmoid 0), e4m3fn, which has no inf, to NaN, and XLA's own
     float8_e4m3fn logistic gives the same NaN: the format's, not the emulation's."""
-    from jaxrl_fp16.models.decoder import emulated_sigmoid
+    from jaxrl_fp16.models.layers import emulated_sigmoid
 
     fmt = FloatFormat.parse(name)
     x = _grid(REAL[name])

@@ -148,7 +148,7 @@ def softmax(x: Array, ar: Any) -> Array:
 def dense_attention(q: Array, k: Array, v: Array, mask_BxTxS: Array, *, ar: Any, sc: Any, soft: Any,
                     scale_q: bool = False) -> Array:
     """The written-out attention, [B, T, Nkv, G, D] in `sc`'s dtype: `ar` is the compute arithmetic (q, k, v's),
-    `sc` that of the score and probs.v products, `soft` that of the softmax (`decoder.Arith`s). `scale_q`:
+    `sc` that of the score and probs.v products, `soft` that of the softmax (`layers.Arith`s). `scale_q`:
     q * D^-0.5 before q.k^T (the unscaled product cannot overflow the compute dtype); else (q.k^T) * D^-0.5."""
     D = q.shape[-1]
     qg = sc.cast(ar.use(q))

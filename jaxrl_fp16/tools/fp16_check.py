@@ -39,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_fp16.models.config import ModelConfig, Numerics
-from jaxrl_fp16.models.decoder import CausalLM, DecoderLayer, apply_rope, causal_inputs
+from jaxrl_fp16.models.decoder import CausalLM, DecoderLayer, causal_inputs
 from jaxrl_fp16.models.hf_table import HF_TABLE, expected_params_shapes
+from jaxrl_fp16.models.layers import apply_rope
 from jaxrl_fp16.precision import dtype_name
 
 __all__ = ["fp16_readiness", "Report", "ActivationRow", "WeightRow", "LAYER_OPS"]
