@@ -9,7 +9,7 @@ import os
 import pytest
 
 from jaxrl_fp16 import cli, commands
-from jaxrl_fp16.tools import plan
+from jaxrl_fp16.tools import plan, plan_verdict
 from jaxrl_fp16.config import load_config
 from jaxrl_fp16.memory import DoesNotFitError
 
@@ -40,7 +40,7 @@ def tiny_folder(tmp_path_factory):
 
 
 def _items(result):
-    return {k: result["per_device"][k] for k in plan.ITEMS}
+    return {k: result["per_device"][k] for k in plan_verdict.ITEMS}
 
 
 def test_plan_of_a_config_json_folder_fits_and_its_items_sum_to_the_total(tiny_folder, tmp_path, capsys):
@@ -50,7 +50,7 @@ def test_plan_of_a_config_json_folder_fits_and_its_items_sum_to_the_total(tiny_f
     assert rc == 0
     result = json.loads(out.read_text())
     assert set(result) >= {"fits", "device_bytes", "per_device", "source"}
-    assert set(result["per_device"]) == {*plan.ITEMS, "total"}
+    assert set(result["per_device"]) == {*plan_verdict.ITEMS, "total"}
     assert result["fits"] is True and result["device_bytes"] > 0
     items = _items(result)
     assert all(items[k] > 0 for k in ("params", "optimizer", "gradients", "activations"))
@@ -74,7 +74,7 @@ def test_plan_that_does_not_fit_exits_3_naming_the_largest_item(tiny_folder, tmp
     assert rc == 3
     result = json.loads(out.read_text())
     assert result["fits"] is False and result["device_bytes"] == int(0.0001 * 2 ** 30)
-    largest = max(plan.ITEMS, key=lambda k: result["per_device"][k])
+    largest = max(plan_verdict.ITEMS, key=lambda k: result["per_device"][k])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert f"the largest item is {largest}" in err
@@ -108,10 +108,32 @@ def test_plan_width_is_the_prompt_bound_plus_responses_within_the_context(tiny_f
 def test_gpu_share_reuses_the_doctors_split():
     run = load_config(CONFIG, ["sampler.name=vllm", "sampler.gpu_memory_utilization=0.3"])
     gib = 2 ** 30
-    sampler, reserved, _ = plan.device_share(run, 80 * gib, "gpu", environ={})
+    sampler, reserved, _ = plan_verdict.device_share(run, 80 * gib, "gpu", environ={})
     assert sampler == int(0.3 * 80 * gib)
     assert reserved == pytest.approx(0.05 * 80 * gib, abs=1)  # doctor's MEMORY_MARGIN
-    assert plan.device_share(run, 80 * gib, "cpu", environ={})[:2] == (0, 0)
+    assert plan_verdict.device_share(run, 80 * gib, "cpu", environ={})[:2] == (0, 0)
+
+
+def test_the_verdict_is_the_measured_bytes_per_item_without_a_compile():
+    shapes = plan_verdict.PlanShapes(mesh={"data": 1, "fsdp": 1, "tensor": 1}, step_rows=8, microbatches=2, width=64,
+                                     score_rows=16, score_width=64)
+    measured = plan_verdict.Measured(params=100, optimizer=200, gradients=100,
+                                     step={"argument": 400, "output": 400, "alias": 400, "temp": 400, "peak": 800},
+                                     scorer={"peak": 900, "resident": 400}, shapes=shapes, backend="cpu",
+                                     compiled_on="cpu", model_note="attention dense")
+    assert plan_verdict.Measured.from_dict(json.loads(json.dumps(measured.to_dict()))) == measured
+    run = load_config(CONFIG)
+    fits = plan_verdict.make_plan(run, measured, 900)
+    # activations: the larger phase's peak (the scorer's) minus params, optimizer and gradients.
+    assert dict(fits.per_device) == {"params": 100, "optimizer": 200, "gradients": 100, "activations": 500,
+                                     "sampler": 0, "total": 900}
+    assert fits.fits and fits.largest == "activations" and "the scorer's peak" in fits.source
+    assert "| total | 900 | 0.00 |" in plan_verdict.format_plan(fits, 1)
+    short = plan_verdict.make_plan(run, measured, 899)
+    assert not short.fits
+    with pytest.raises(DoesNotFitError, match="the largest item is activations .* keys that change it: "
+                                              "train.microbatches"):
+        plan_verdict.check_plan(short)
 
 
 def test_train_plans_only_large_models_from_a_folder(tiny_folder, tmp_path):
@@ -139,11 +161,11 @@ def test_train_refuses_an_oversized_run_before_any_other_work(tmp_path, capsys):
 def test_check_plan_raises_does_not_fit_with_exit_code_3(tiny_folder):
     run = load_config(CONFIG, [f"model.path={tiny_folder}", *SMALL])
     measured = plan.measure(run)
-    assert plan.make_plan(run, measured, 1 << 40).fits
-    small = plan.make_plan(run, measured, 1 << 10)
+    assert plan_verdict.make_plan(run, measured, 1 << 40).fits
+    small = plan_verdict.make_plan(run, measured, 1 << 10)
     with pytest.raises(DoesNotFitError, match="the largest item is") as info:
-        plan.check_plan(small)
-    assert info.value.exit_code == plan.PLAN_EXIT_CODE == 3
+        plan_verdict.check_plan(small)
+    assert info.value.exit_code == plan_verdict.PLAN_EXIT_CODE == 3
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import yaml
 
 from jaxrl_fp16 import multiprocess
+from jaxrl_fp16.checkpoint import Checkpointer, CheckpointError
 from jaxrl_fp16.config import ConfigError, RunConfig, load_config, to_yaml
 
 __all__ = ["SILENT_CHANGES", "ConfigChangeError", "Interrupted", "MetricsLog", "ResumeOptions", "StopSignals",
@@ -203,8 +204,6 @@ def begin_resume(run_dir: str, run: RunConfig, options: ResumeOptions,
     """Before a resume builds anything: the run directory must hold a checkpoint, and the config may change
     only keys that leave the run's course as it was or that `options` allow (checked against the latest
     checkpoint's config; `finish_resume` checks again against the checkpoint actually restored)."""
-    from jaxrl_fp16.checkpoint import CheckpointError, Checkpointer
-
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"--resume: the run directory {run_dir} does not exist; nothing to resume")
     ckpt_dir = checkpoint_dir(run_dir)
