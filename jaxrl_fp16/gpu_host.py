@@ -1,6 +1,6 @@
 """The host's GPUs before JAX starts its backends: the GPU plan (how a run shares each GPU between JAX, the
 trainer, and the vLLM engine) and GPU determinism, applied by `prepare_gpus` from `jaxrl-fp16 train` and the GPU
-smoke run. The memory plan (`jaxrl-fp16 plan`) reads the split and the host's RAM (`_host_memory`);
+smoke run. The memory plan (`jaxrl-fp16 plan`) reads the split and the host's RAM (`host_memory`);
 `jaxrl-fp16 doctor` reports both.
 
 The GPU plan (`gpu_plan`):
@@ -37,7 +37,7 @@ from jaxrl_fp16.sampling.options import MEMORY_MARGIN, engine_memory_utilization
 
 __all__ = ["JAX_FRACTION_ENV", "PREALLOCATE_ENV", "JAX_DEFAULT_FRACTION", "MIN_JAX_FRACTION", "GpuPlan",
            "memory_split", "count_gpus", "jax_visible_devices", "gpu_plan", "jax_backends_started",
-           "apply_gpu_plan", "prepare_gpus", "prepare_determinism"]
+           "apply_gpu_plan", "prepare_gpus", "prepare_determinism", "host_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def prepare_gpus(run: RunConfig) -> GpuPlan:
 
 # ----- the host's memory -----
 
-def _host_memory() -> dict[str, int | None]:
+def host_memory() -> dict[str, int | None]:
     """Host RAM in bytes: total and available (/proc/meminfo where there is one)."""
     total = available = None
     try:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from jaxrl_fp16.config import ConfigError, RunConfig
-from jaxrl_fp16.gpu_host import (JAX_DEFAULT_FRACTION, JAX_FRACTION_ENV, PREALLOCATE_ENV, _host_memory, count_gpus,
+from jaxrl_fp16.gpu_host import (JAX_DEFAULT_FRACTION, JAX_FRACTION_ENV, PREALLOCATE_ENV, host_memory, count_gpus,
                                  gpu_plan, jax_backends_started)
 from jaxrl_fp16.sampling.options import default_max_model_len
 from jaxrl_fp16.sampling.vllm_api import (BATCH_INVARIANT_ENV, MIN_VLLM_VERSION, VLLMVersionError,
@@ -179,7 +179,7 @@ def diagnose(config: str | None = None, overrides: Sequence[str] = (),
     api = push_api() if versions.get("vllm") is not None else None
     invariant = batch_invariant_support() if versions.get("vllm") is not None else None
     report: dict[str, Any] = {
-        "backend": backend, "devices": devices, "host_memory": _host_memory(), "versions": versions,
+        "backend": backend, "devices": devices, "host_memory": host_memory(), "versions": versions,
         "vllm_push_api": None if api is None else {"present": api.present, "detail": api.describe()},
         "environment": {k: environ[k] for k in (JAX_FRACTION_ENV, PREALLOCATE_ENV, "CUDA_VISIBLE_DEVICES",
                                                 "VLLM_WORKER_MULTIPROC_METHOD") if k in environ},

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from jaxrl_fp16.config import RunConfig
-from jaxrl_fp16.gpu_host import JAX_DEFAULT_FRACTION, JAX_FRACTION_ENV, PREALLOCATE_ENV, _host_memory
+from jaxrl_fp16.gpu_host import JAX_DEFAULT_FRACTION, JAX_FRACTION_ENV, PREALLOCATE_ENV, host_memory
 from jaxrl_fp16.memory import format_bytes
 from jaxrl_fp16.models.config import ModelConfig
 from jaxrl_fp16.tools.plan_verdict import (ITEMS, Measured, MemoryPlan, PlanShapes, check_plan, format_plan,
@@ -316,7 +316,7 @@ def host_device_bytes(devices: Sequence[Any]) -> int:
     limit = device_bytes_limit(devices)
     if limit is not None:
         return int(limit / float(os.environ.get(JAX_FRACTION_ENV, JAX_DEFAULT_FRACTION)))
-    total = _host_memory()["total_bytes"]
+    total = host_memory()["total_bytes"]
     if total is None:
         raise ValueError("cannot tell this host's memory: give --device-memory-gib")
     return int(total)
