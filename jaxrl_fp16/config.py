@@ -337,5 +337,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         raise ConfigError(str(e)) from None
 
 
+def config_from_dict(d: dict[str, Any], source: str) -> RunConfig:
+    """A `RunConfig` from plain nested dicts (`to_yaml`'s form, e.g. a checkpoint's meta); `source` names it in
+    errors."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(_schema(), OmegaConf.create(d)))
+    except Exception as e:
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"the config stored in {source} does not load: {line}") from None
+
+
 def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -105,12 +105,12 @@ def test_plan_width_is_the_prompt_bound_plus_responses_within_the_context(tiny_f
     assert plan.plan_width(vllm, long_context) == 700
 
 
-def test_gpu_share_reuses_the_doctors_split():
+def test_device_share_is_the_engines_memory_split():
     run = load_config(CONFIG, ["sampler.name=vllm", "sampler.gpu_memory_utilization=0.3"])
     gib = 2 ** 30
     sampler, reserved, _ = plan_verdict.device_share(run, 80 * gib, "gpu", environ={})
     assert sampler == int(0.3 * 80 * gib)
-    assert reserved == pytest.approx(0.05 * 80 * gib, abs=1)  # doctor's MEMORY_MARGIN
+    assert reserved == pytest.approx(0.05 * 80 * gib, abs=1)  # sampling.options.MEMORY_MARGIN
     assert plan_verdict.device_share(run, 80 * gib, "cpu", environ={})[:2] == (0, 0)
 
 

@@ -23,7 +23,7 @@ import yaml
 
 from jaxrl_fp16 import multiprocess
 from jaxrl_fp16.checkpoint import Checkpointer, CheckpointError
-from jaxrl_fp16.config import ConfigError, RunConfig, load_config, to_yaml
+from jaxrl_fp16.config import ConfigError, RunConfig, config_from_dict, load_config, to_yaml
 
 __all__ = ["SILENT_CHANGES", "ConfigChangeError", "Interrupted", "MetricsLog", "ResumeOptions", "StopSignals",
            "add_resume_arguments", "begin_resume", "check_changes", "checkpoint_config", "checkpoint_dir",
@@ -114,17 +114,6 @@ class ConfigChangeError(ConfigError):
 def config_dict(run: RunConfig) -> dict[str, Any]:
     """The config as plain nested dicts (as `config.yaml` holds it): what a resume compares."""
     return yaml.safe_load(to_yaml(run))
-
-
-def config_from_dict(d: dict[str, Any], source: str) -> RunConfig:
-    """A `RunConfig` from `config_dict`'s form (e.g. a checkpoint's meta); `source` names it in errors."""
-    from omegaconf import OmegaConf
-
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(d)))
-    except Exception as e:
-        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"the config stored in {source} does not load: {line}") from None
 
 
 def config_diff(old: Any, new: Any, prefix: str = "") -> dict[str, list]:
