@@ -1,11 +1,11 @@
-"""Several processes in one run (`distributed.enabled=true`): who samples what, the rollout exchange, global
-arrays from host arrays, host copies of global arrays, barriers, and the one writer.
+"""Several processes in one run (`distributed.enabled=true`): who samples what, global arrays from host arrays,
+host copies of global arrays, barriers, and the one writer.
 
 The RL loop in N processes does what it does in one, with the same numbers:
 - each process samples a contiguous block of the iteration's prompts (whole groups: a prompt and all its
   samples), with the random streams of the global rows it samples (`SamplingSettings.first_row`);
-- the processes then exchange their rows (`gather_rollout`), so every process holds the whole rollout in the
-  global row order of a one-process run, and the scorer, the mini-batches and the value scorer build global
+- the processes then exchange their rows (`sampling.exchange.gather_rollout`), so every process holds the whole
+  rollout in the global row order of a one-process run, and the scorer, the mini-batches and the value scorer build global
   arrays from those host arrays (`global_array`, `input_sharding`); their outputs come back to every host
   (`to_host`);
 - files (metrics, config, exports, caches) are written by process 0 (`is_writer`); the others wait at a
@@ -23,11 +23,14 @@ from typing import Any, TypeVar
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxrl_fp16.sharding import _path_names, gather_to_host
 
 __all__ = ["BARRIER_TIMEOUT_S", "is_multiprocess", "is_writer", "process_share", "group_share", "barrier",
            "first_then_others", "allgather_ints", "agree_max", "global_array", "input_sharding", "to_host",
-           "host_tree", "gather_rollout"]
+           "host_tree"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,8 +81,6 @@ def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
     client = distributed.global_state.client
     key = f"jaxrl_fp16/{next(_barriers)}/{name}"
     if client is None:  # not started by jax.distributed (cannot happen with process_count > 1 today)
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(key)
         return
     client.wait_at_barrier(key, int(timeout_s * 1000))
@@ -105,8 +106,6 @@ def allgather_ints(values: Any) -> np.ndarray:
     values = np.asarray(values, np.int32)
     if not is_multiprocess():
         return values[None].astype(np.int64)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(values, tiled=False)).astype(np.int64)
 
 
@@ -140,15 +139,11 @@ def input_sharding(tree: Any) -> NamedSharding | None:
 def to_host(x: Any) -> np.ndarray:
     """`x` whole as a numpy array; an array spread over several processes is gathered (a collective)."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 
 
 def _host_leaf(path: Any, x: Any) -> np.ndarray:
-    from jaxrl_fp16.sharding import _path_names, gather_to_host
-
     if not (isinstance(x, jax.Array) and not x.is_fully_addressable):
         return np.asarray(jax.device_get(x))
     if _STACKED in _path_names(path) and x.ndim >= 2:  # one layer at a time: never a whole stack on a device
@@ -168,46 +163,3 @@ def host_tree(tree: Any, then: Callable[[np.ndarray], Any] | None = None) -> Any
         return out if then is None else jax.tree_util.tree_map(then, out)
     return jax.tree_util.tree_map_with_path(
         lambda path, x: _host_leaf(path, x) if then is None else then(_host_leaf(path, x)), tree)
-
-
-# ----- the rollout exchange -----
-
-def gather_rollout(rollout: Any, first_prompt: int, pad_id: int) -> Any:
-    """The whole iteration's `Rollout` on every process, from each process's own (its prompts start at global
-    prompt `first_prompt`; blocks in process order): rows in global order, prompts left-padded to the widest
-    prompt and responses right-padded to the longest response of all processes, as one process sampling every
-    row lays them out. With one process, `rollout` itself."""
-    from jaxrl_fp16.sampling.base import FINISH_LENGTH, FINISH_STOP, Rollout
-
-    if not is_multiprocess():
-        return rollout
-    n, width = rollout.tokens.shape
-    pw = rollout.prompt_width
-    shapes = allgather_ints([n, pw, width - pw, int(rollout.has_logprobs)])
-    rows, P, R = int(shapes[:, 0].max()), int(shapes[:, 1].max()), int(shapes[:, 2].max())
-
-    def padded(x: np.ndarray, fill: Any) -> np.ndarray:
-        out = np.full((rows, P + R), fill, x.dtype)
-        out[:n, P - pw:P + width - pw] = x
-        return out
-
-    local = {"tokens": padded(rollout.tokens.astype(np.int32), pad_id),
-             "attention_mask": padded(rollout.attention_mask.astype(np.int32), 0),
-             "response_mask": padded(rollout.response_mask.astype(np.int32), 0),
-             "logprobs": padded(rollout.logprobs.astype(np.float32), 0.0),
-             "prompt_index": np.pad(np.asarray(rollout.prompt_index, np.int32) + first_prompt, (0, rows - n)),
-             "stopped": np.pad(np.array([r == FINISH_STOP for r in rollout.finish_reasons], np.int32),
-                               (0, rows - n))}
-    from jax.experimental import multihost_utils
-
-    every = multihost_utils.process_allgather(local, tiled=False)  # [processes, rows, ...]
-    counts = shapes[:, 0]
-
-    def joined(key: str) -> np.ndarray:
-        return np.concatenate([np.asarray(every[key])[p, :c] for p, c in enumerate(counts)], axis=0)
-
-    return Rollout(tokens=joined("tokens"), attention_mask=joined("attention_mask"),
-                   response_mask=joined("response_mask"), logprobs=joined("logprobs"),
-                   prompt_index=joined("prompt_index"), prompt_width=P,
-                   finish_reasons=[FINISH_STOP if s else FINISH_LENGTH for s in joined("stopped")],
-                   has_logprobs=bool(shapes[:, 3].all()))

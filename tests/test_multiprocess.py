@@ -16,6 +16,7 @@ import pytest
 from jaxrl_fp16 import multiprocess
 from jaxrl_fp16.config import load_config
 from jaxrl_fp16.sampling.base import FINISH_LENGTH, FINISH_STOP, Rollout, SamplingSettings
+from jaxrl_fp16.sampling import exchange
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FP32 = os.path.join(ROOT, "configs", "tiny_fp32.yaml")
@@ -44,7 +45,7 @@ def test_one_process_is_the_plain_operation():
     assert multiprocess.agree_max(3) == 3
     multiprocess.barrier("nothing to wait for")
     rollout = _rollout(2, 3)
-    assert multiprocess.gather_rollout(rollout, 0, 0) is rollout
+    assert exchange.gather_rollout(rollout, 0, 0) is rollout
     assert multiprocess.input_sharding({"w": np.zeros(3)}) is None
     assert multiprocess.first_then_others(lambda: 7, "once") == 7
 

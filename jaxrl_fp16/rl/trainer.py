@@ -46,6 +46,7 @@ from jaxrl_fp16.rl.rundir import ResumeOptions, checkpoint_config, checkpoint_di
 from jaxrl_fp16.rl.setup import RL_SILENT_CHANGES, RunParts, make_run_mesh, setup_run
 from jaxrl_fp16.rl.sft import ensure_base_model
 from jaxrl_fp16.rl.trainable import Trainable, rl_loss
+from jaxrl_fp16.sampling import exchange
 from jaxrl_fp16.scoring import bucket_width
 from jaxrl_fp16.step import TrainState
 
@@ -140,7 +141,7 @@ class Trainer:
         lo, hi = multiprocess.group_share(len(idx))
         settings = dataclasses.replace(settings, first_row=lo * run.train.samples_per_prompt)
         local = self.sampler.generate([self.prompt_ids[i] for i in idx[lo:hi]], settings)
-        rollout = multiprocess.gather_rollout(local, lo, self.model_cfg.pad_token_id or 0)
+        rollout = exchange.gather_rollout(local, lo, self.model_cfg.pad_token_id or 0)
         t1 = time.perf_counter()
         rewards = rollout_rewards(self.task, problems, self.tokenizer, rollout)
         advantages = None if run.critic.enabled else np.asarray(group_advantages(
