@@ -41,23 +41,27 @@ $(GPU_STAMP): pyproject.toml
 # Each worker takes whole files (module fixtures run once), the longest first (tests/conftest.py, LONG_FILES):
 # --no-loadscope-reorder keeps that order instead of xdist's order by number of tests.
 XDIST := -n 2 --dist loadfile --no-loadscope-reorder
+# JAX's persistent compilation cache, kept across runs (most of the suite's time on a CPU is XLA compiling): a run
+# loads what an earlier run compiled. The key covers the program, the JAX/XLA versions, the devices and XLA_FLAGS,
+# so a changed program compiles afresh; least recently used entries go beyond the size cap. `make clean` removes it.
+TEST_CACHE := JAX_COMPILATION_CACHE_DIR="$(CURDIR)/.cache/jax-tests" JAX_COMPILATION_CACHE_MAX_SIZE=1073741824
 
 test: install
-	$(PY) -m pytest -q $(XDIST) tests
+	$(TEST_CACHE) $(PY) -m pytest -q $(XDIST) tests
 
 # The suite without the tests marked slow (training runs, the warm-started base model, subprocesses, engine
 # starts): the one to run while developing. `make test` still runs everything.
 test-fast: install
-	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
+	$(TEST_CACHE) $(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 # The suite once more as code for another instruction set would run it: XLA's CPU code generated for AVX2 (no
 # AVX-512) and OpenBLAS's Haswell kernels. Bitwise claims and codegen-dependent bounds must hold on both.
 ISA_ENV := XLA_FLAGS="$(XLA_FLAGS) --xla_cpu_max_isa=AVX2" OPENBLAS_CORETYPE=Haswell
 test-isa: install
-	$(ISA_ENV) $(PY) -m pytest -q $(XDIST) tests
+	$(ISA_ENV) $(TEST_CACHE) $(PY) -m pytest -q $(XDIST) tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .cache/jax-tests
 
 # The main job: the paper's sanity experiment in miniature (FP16 vs BF16 RL on a tiny model, built and cached
 # locally), with a report and plots under runs/sanity.

@@ -1,10 +1,10 @@
 """Session-wide test fixtures, shared by the pytest-xdist workers and by the CLI processes tests start.
 
-- One JAX persistent compilation cache per test session (`JAX_COMPILATION_CACHE_DIR` under the session's shared
-  temporary folder, set before the first test): a program compiled once, by a worker or by a `jaxrl-fp16`
-  subprocess, is loaded by the others instead of compiled again. The key covers the program, the devices and
-  XLA_FLAGS, so `make test-isa` and the 8-device subprocess get their own entries. A cache dir already set in
-  the environment is kept.
+- One JAX persistent compilation cache for the session (`JAX_COMPILATION_CACHE_DIR`; `make test` sets it to a
+  folder kept across runs, `.cache/jax-tests`, else one under the session's shared temporary folder): a program
+  compiled once, by a worker, a `jaxrl-fp16` subprocess or an earlier run, is loaded instead of compiled again.
+  The key covers the program, the JAX and XLA versions, the devices and XLA_FLAGS, so `make test-isa` and the
+  8-device subprocess get their own entries, and a changed program is a new entry.
 - `base_models`: each warm-started tiny base model is built once per session, in a shared folder, under a file
   lock (the first worker that needs it builds it, the others wait and reuse it). A test module asks for its own
   cache folder with the base model of its run config linked in, and passes it as `model.cache_dir`:
@@ -52,16 +52,17 @@ def _shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def jax_compilation_cache(tmp_path_factory):
-    """The session's persistent compilation cache (in this process and in the subprocesses tests start)."""
+    """The session's persistent compilation cache (in this process and in the subprocesses tests start): the
+    folder in JAX_COMPILATION_CACHE_DIR when set (`make test` keeps one across runs), else one under the session's
+    shared temporary folder. Every compiled program is written (JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, unless
+    set)."""
     import jax
 
-    path = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    if not path:
-        path = str(_shared_root(tmp_path_factory) / "jax-cache")
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(MIN_COMPILE_SECONDS)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
-        jax.config.update("jax_compilation_cache_dir", path)
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(_shared_root(tmp_path_factory) / "jax-cache")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    min_seconds = float(os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(MIN_COMPILE_SECONDS)))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
+    jax.config.update("jax_compilation_cache_dir", path)
     return path
 
 
