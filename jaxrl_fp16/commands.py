@@ -178,11 +178,7 @@ def train(args: argparse.Namespace) -> int:
         overrides.append(f"train.iterations={args.steps}")
     run = load_config(args.config, overrides)
     prepare_gpus(run)  # GPU shares and debug.deterministic (XLA_FLAGS): before JAX starts its backends
-    if run.distributed.enabled:  # several processes: before any JAX computation
-        from jaxrl_fp16.sharding import initialize_distributed
-
-        d = run.distributed
-        initialize_distributed(d.coordinator_address, d.num_processes, d.process_id)
+    run.distributed.initialize()  # several processes (when enabled): before any JAX computation
     if plan_wanted(args.plan, run):  # the memory plan first: before any file is written or weight read
         from jaxrl_fp16.tools.plan import plan_before_training
 
