@@ -5,9 +5,9 @@ The RL loop in N processes does what it does in one, with the same numbers:
 - each process samples a contiguous block of the iteration's prompts (whole groups: a prompt and all its
   samples), with the random streams of the global rows it samples (`SamplingSettings.first_row`);
 - the processes then exchange their rows (`sampling.exchange.gather_rollout`), so every process holds the whole
-  rollout in the global row order of a one-process run, and the scorer, the mini-batches and the value scorer build global
-  arrays from those host arrays (`global_array`, `input_sharding`); their outputs come back to every host
-  (`to_host`);
+  rollout in the global row order of a one-process run, and the scorer, the mini-batches and the value scorer
+  build global arrays from those host arrays (`global_array`, `input_sharding`); their outputs come back to every
+  host (`to_host`);
 - files (metrics, config, exports, caches) are written by process 0 (`is_writer`); the others wait at a
   `barrier` where they read what it wrote.
 Every function that runs a collective must be called by every process, in the same order. With one process
