@@ -112,6 +112,31 @@ def test_the_config_key_is_a_bool():
         load_config(None, ["debug.deterministic=sometimes"])
 
 
+def test_a_run_built_from_python_applies_the_config_key(tmp_path, monkeypatch):
+    """The RL and DPO trainers start with `loop.begin_run`, which applies `debug.deterministic` as the CLI does
+    before JAX starts: from Python, the key sets the engine's variable, and a contrary flag is refused by name
+    before anything is written."""
+    from jaxrl_fp16.config import load_config
+    from jaxrl_fp16.rl.loop import begin_run
+    from jaxrl_fp16.rl.rundir import ResumeOptions
+
+    def begin(name: str, *overrides: str) -> None:
+        begin_run(str(tmp_path / name), load_config(None, list(overrides)), resume=False, options=ResumeOptions(),
+                  silent=())
+
+    monkeypatch.delenv(_xla_flags.DETERMINISTIC_ENV, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # restored: a flag added never outlives it
+    begin("off")
+    assert _xla_flags.DETERMINISTIC_ENV not in os.environ
+    begin("on", "debug.deterministic=true")
+    assert os.environ[_xla_flags.DETERMINISTIC_ENV] == "1"
+    monkeypatch.delenv(_xla_flags.DETERMINISTIC_ENV)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_deterministic_ops=false")
+    with pytest.raises(_xla_flags.DeterminismError, match="debug.deterministic=true.*=false"):
+        begin("contrary", "debug.deterministic=true")
+    assert not (tmp_path / "contrary").exists()
+
+
 def _effective_debug_options(dump: str) -> str:
     """The non-default XLA debug options of the dumped train step (XLA writes them next to the HLO)."""
     files = [f for f in os.listdir(dump) if f.endswith(".debug_options")]

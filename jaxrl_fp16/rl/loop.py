@@ -20,6 +20,7 @@ import numpy as np
 from jaxrl_fp16 import multiprocess
 from jaxrl_fp16.checkpoint import Checkpointer
 from jaxrl_fp16.config import RunConfig
+from jaxrl_fp16.gpu_host import prepare_determinism
 from jaxrl_fp16.rl.rundir import (Interrupted, MetricsLog, ResumeOptions, StopSignals, begin_resume, checkpoint_dir,
                                   finish_resume, refuse_overwrite, signal_name, write_config)
 
@@ -31,10 +32,13 @@ __all__ = ["begin_run", "export_final", "inject_overflows", "poisoned", "run_loo
 def begin_run(run_dir: str, run: RunConfig, *, resume: bool, options: ResumeOptions,
               silent: Collection[str]) -> None:
     """Before anything is built: refuse to overwrite a run, and for a resume refuse a missing checkpoint or a
-    config change not allowed (`silent`: the keys taken without asking)."""
+    config change not allowed (`silent`: the keys taken without asking); then apply `debug.deterministic` as
+    `jaxrl-fp16` applies it before JAX starts (a run built from Python gets the same setting, or a
+    DeterminismError where JAX already runs on a GPU without the flag)."""
     refuse_overwrite(run_dir, resume)
     if resume:
         begin_resume(run_dir, run, options, silent)
+    prepare_determinism(run)
 
 
 def start_or_resume(run_dir: str, run: RunConfig, checkpointer: Checkpointer, state: Any, *, resume: bool,
