@@ -43,25 +43,31 @@ $(GPU_STAMP): pyproject.toml
 XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 # JAX's persistent compilation cache, kept across runs (most of the suite's time on a CPU is XLA compiling): a run
 # loads what an earlier run compiled. The key covers the program, the JAX/XLA versions, the devices and XLA_FLAGS,
-# so a changed program compiles afresh; least recently used entries go beyond the size cap. `make clean` removes it.
-TEST_CACHE := JAX_COMPILATION_CACHE_DIR="$(CURDIR)/.cache/jax-tests" JAX_COMPILATION_CACHE_MAX_SIZE=1073741824
+# so a changed program compiles afresh. Entries not read for 14 days are removed before each run (JAX's own size cap
+# rescans the folder on every write, quadratic in the suite's thousands of small programs). `make clean` removes it.
+TEST_CACHE_DIR := .cache/jax-tests
+TEST_CACHE := JAX_COMPILATION_CACHE_DIR="$(CURDIR)/$(TEST_CACHE_DIR)"
+PRUNE_TEST_CACHE := find $(TEST_CACHE_DIR) -type f -atime +14 -delete 2>/dev/null || true
 
 test: install
+	$(PRUNE_TEST_CACHE)
 	$(TEST_CACHE) $(PY) -m pytest -q $(XDIST) tests
 
 # The suite without the tests marked slow (training runs, the warm-started base model, subprocesses, engine
 # starts): the one to run while developing. `make test` still runs everything.
 test-fast: install
+	$(PRUNE_TEST_CACHE)
 	$(TEST_CACHE) $(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 # The suite once more as code for another instruction set would run it: XLA's CPU code generated for AVX2 (no
 # AVX-512) and OpenBLAS's Haswell kernels. Bitwise claims and codegen-dependent bounds must hold on both.
 ISA_ENV := XLA_FLAGS="$(XLA_FLAGS) --xla_cpu_max_isa=AVX2" OPENBLAS_CORETYPE=Haswell
 test-isa: install
+	$(PRUNE_TEST_CACHE)
 	$(ISA_ENV) $(TEST_CACHE) $(PY) -m pytest -q $(XDIST) tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .cache/jax-tests
+	rm -rf $(VENV) .pytest_cache $(TEST_CACHE_DIR)
 
 # The main job: the paper's sanity experiment in miniature (FP16 vs BF16 RL on a tiny model, built and cached
 # locally), with a report and plots under runs/sanity.
