@@ -206,7 +206,10 @@ def test_two_processes_fp16_skip_the_same_steps(caches, tmp_path):
         metrics[name] = _metrics(run_dir)
     for a, b in zip(metrics["one"], metrics["two"], strict=True):
         assert b["skipped_steps"] == a["skipped_steps"] and b["loss_scale"] == a["loss_scale"]
-        assert b["reward/mean"] == a["reward/mean"]
+    # The first iteration samples the same rows with the same weights. After an FP16 update the two runs' weights
+    # may differ at FP16's rounding level (the shards sum in another order; measured on an Intel Xeon), and a
+    # sampled token can then differ, so later rewards are not compared exactly.
+    assert metrics["two"][0]["reward/mean"] == metrics["one"][0]["reward/mean"]
     assert metrics["two"][-1]["skipped_steps"] >= 1  # the injected overflow, at least
 
 
