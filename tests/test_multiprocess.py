@@ -24,6 +24,7 @@ FP16 = os.path.join(ROOT, "configs", "tiny_fp16.yaml")
 LAUNCH = os.path.join(ROOT, "scripts", "launch.sh")
 JAXRL = os.path.join(os.path.dirname(sys.executable), "jaxrl-fp16")
 ITERATIONS = 2
+LR = 1e-4
 # FP32 rounding: the two runs sum the same numbers over other collectives (gloo across processes, in-process
 # all-reduce within one), so losses and parameters agree to a few ulps of what the steps computed.
 RTOL = 1e-5
@@ -101,7 +102,7 @@ def _rollout(n: int, width: int) -> Rollout:
 
 def _overrides(cache: str, *extra: str) -> list[str]:
     return [f"model.cache_dir={cache}", "model.warm_start.steps=300", "task.num_problems=256",
-            "train.prompts_per_iteration=8", f"train.iterations={ITERATIONS}", "optim.lr=1e-4", "mesh.data=2",
+            "train.prompts_per_iteration=8", f"train.iterations={ITERATIONS}", f"optim.lr={LR}", "mesh.data=2",
             "mesh.fsdp=4", "log.progress=false", "log.tensorboard=false", *extra]
 
 
@@ -187,8 +188,18 @@ def test_two_processes_export_and_resume(fp32_runs):
     one, two = fp32_runs["one"], fp32_runs["two"]
     flat_one, flat_two = _flat(one["export"]), _flat(two["export"])
     assert flat_two.keys() == flat_one.keys()
+    # Adam's first step moves each weight by +-lr whatever its gradient's size, so a weight whose gradient is at
+    # FP32's rounding level can step the other way when the shards sum in another order (measured on an Intel
+    # Xeon: 2 of 256 elements of one k_proj bias, by 2e-4 = 2 lr). A run that lost rows or shards would move most
+    # weights elsewhere: elementwise agreement everywhere but a tiny share, and no element beyond Adam's reach.
+    total, off = 0, 0
     for name, a in flat_one.items():
-        np.testing.assert_allclose(flat_two[name], a, rtol=RTOL, atol=1e-6, err_msg=name)
+        b = flat_two[name]
+        assert b.shape == a.shape, name
+        close = np.isclose(b, a, rtol=RTOL, atol=1e-6)
+        total, off = total + a.size, off + int((~close).sum())
+        assert np.abs(b - a).max() <= 2 * LR * ITERATIONS * 1.01, name
+    assert off <= 1e-3 * total, (off, total)
     # The resumed third iteration, logged once after the first two.
     assert [m["step"] for m in two["resumed"]] == [1, 2, 3]
     a, b = one["resumed"][-1], two["resumed"][-1]
