@@ -1,5 +1,6 @@
 """The benchmark harness: its records, files and checks (the timings themselves are not asserted)."""
 
+import argparse
 import json
 
 import numpy as np
@@ -42,6 +43,19 @@ def test_results_files_and_readme_table(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
         bench_main.update_readme(str(readme), "table")
+
+
+def test_each_row_runs_in_its_own_process_and_a_failed_unit_fails_the_bench(tmp_path):
+    names = bench_main.unit_names(set(bench_main.GROUPS))
+    assert len(names) == len(set(names))
+    assert [n for n in names if n.startswith("decode:")] == [
+        f"decode:{size}:{dtype}" for size in ("tiny", "50M") for dtype in bench_main.DTYPES]
+    assert bench_main.unit_names({"push"}) == ["push:tiny", "push:50M"]
+    with pytest.raises(SystemExit):
+        bench_main.main(["--only", "decode,nonsense"])
+    args = argparse.Namespace(out=str(tmp_path), repeats=1)  # an unknown unit: the child exits 2, the parent says so
+    with pytest.raises(RuntimeError, match=r"unit 'decode:huge:float32' failed \(exit code 2\)"):
+        bench_main.run_unit_in_subprocess("decode:huge:float32", args)
 
 
 def test_prefix_agreement():
