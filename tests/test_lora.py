@@ -251,6 +251,10 @@ def test_a_lora_checkpoint_is_a_small_fraction_of_the_full_one(tiny, tmp_path):
 
 # ----- the trainer -----
 
+ITERATIONS = 24
+EVAL_SAMPLES = 16
+
+
 def quick(cache_dir, *extra):
     """The LoRA config, scaled down for tests (a shorter warm start, fewer prompts per iteration)."""
     return [f"model.cache_dir={cache_dir}", "model.warm_start.steps=300", "task.num_problems=256",
@@ -259,20 +263,20 @@ def quick(cache_dir, *extra):
 
 @pytest.fixture(scope="module")
 def arms(base_models, tmp_path_factory):
-    """The same short LoRA-GRPO run in FP16 and in BF16, with accuracy on the prompt set before and after (the
-    base model is the session's shared one, see conftest.py)."""
+    """The same short LoRA-GRPO run in FP16 and in BF16, with accuracy on the prompt set before and after, 16
+    samples per prompt (the base model is the session's shared one, see conftest.py)."""
     cache_dir = str(tmp_path_factory.mktemp("cache"))
     base_models.cache_dir(load_config(LORA_CONFIG, quick(cache_dir)), cache_dir)
     out = {}
     for precision in ("fp16-mixed", "bf16-mixed"):
-        run = load_config(LORA_CONFIG, quick(cache_dir, f"precision={precision}", "train.iterations=12",
-                                             "checkpoint.every=6"))
+        run = load_config(LORA_CONFIG, quick(cache_dir, f"precision={precision}",
+                                             f"train.iterations={ITERATIONS}", f"checkpoint.every={ITERATIONS // 2}"))
         run_dir = str(tmp_path_factory.mktemp(precision))
         trainer = Trainer(run, run_dir)
         try:
-            before = trainer.evaluate()
+            before = trainer.evaluate(EVAL_SAMPLES)
             history = trainer.run()
-            after = trainer.evaluate()
+            after = trainer.evaluate(EVAL_SAMPLES)
             adapters = jax.device_get(trainer.state.params)
             base_dir = trainer.base_dir
         finally:
@@ -285,12 +289,16 @@ def arms(base_models, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16-mixed", "bf16-mixed"])
 def test_a_tiny_lora_grpo_run_learns(arms, precision):
+    """Measured over seeds 0-5 in both precisions, with XLA's code for the full ISA of an Intel Xeon (AVX-512
+    FP16) and for AVX2: prompt-set accuracy gains 0.089-0.132 (24 runs), training accuracy (last 8 vs first 8
+    iterations) +0.05 to +0.13. The margin below is about half the smallest gain; the prompt-set accuracy is read
+    at 16 samples per prompt (about 1,300 samples, standard error about 0.014)."""
     arm = arms[precision]
     acc = [m["reward/accuracy"] for m in arm["history"]]
     print(f"{precision}: prompt-set accuracy {arm['before']:.3f} -> {arm['after']:.3f}; training accuracy "
-          f"first 4 {np.mean(acc[:4]):.3f}, last 4 {np.mean(acc[-4:]):.3f}")
+          f"first 8 {np.mean(acc[:8]):.3f}, last 8 {np.mean(acc[-8:]):.3f}")
     assert arm["after"] >= arm["before"] + 0.05
-    assert np.mean(acc[-4:]) > np.mean(acc[:4])
+    assert np.mean(acc[-8:]) > np.mean(acc[:8])
     assert all(np.isfinite(m["mismatch/kl_k3"]) for m in arm["history"])
 
 
@@ -351,15 +359,16 @@ def test_the_trainer_checkpoints_only_the_adapters(arms, tiny):
     arm = arms["fp16-mixed"]
     ckpt_dir = os.path.join(arm["run_dir"], "checkpoints")
     steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-    assert steps == [6, 12]
-    lora_bytes = _dir_bytes(os.path.join(ckpt_dir, "12"))
+    assert steps == [ITERATIONS // 2, ITERATIONS]
+    lora_bytes = _dir_bytes(os.path.join(ckpt_dir, str(ITERATIONS)))
     params = load_hf_params(arm["base_dir"])[1]
     assert adapter_count(arm["adapters"]) / adapter_count(params) < 0.11  # rank 8 on all seven projections
     full = Checkpointer(os.path.join(os.path.dirname(ckpt_dir), "full-reference"))
-    full.save(12, _trained_like(TrainState.create(jax.tree_util.tree_map(jnp.asarray, params), optax.adamw(1e-3),
-                                                  DynamicLossScale(2.0 ** 16))), {"iteration": 12})
+    full.save(ITERATIONS, _trained_like(TrainState.create(jax.tree_util.tree_map(jnp.asarray, params),
+                                                          optax.adamw(1e-3), DynamicLossScale(2.0 ** 16))),
+              {"iteration": ITERATIONS})
     full.close()
-    ratio = lora_bytes / _dir_bytes(os.path.join(os.path.dirname(ckpt_dir), "full-reference", "12"))
+    ratio = lora_bytes / _dir_bytes(os.path.join(os.path.dirname(ckpt_dir), "full-reference", str(ITERATIONS)))
     print(f"LoRA-GRPO checkpoint / full checkpoint on disk: {ratio:.4f}")
     assert ratio < 0.15
 
@@ -369,7 +378,7 @@ def test_a_resumed_lora_run_restores_the_adapters_and_pushes_the_merge(arms):
     arm = arms["fp16-mixed"]
     trainer = Trainer(arm["run"], arm["run_dir"], resume=True)
     try:
-        assert trainer.start_iteration == 12
+        assert trainer.start_iteration == ITERATIONS
         jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(trainer.state.params),
                                arm["adapters"])
         pushed = trainer.sampler._params  # the JAX sampler's weights, in its compute dtype
