@@ -37,13 +37,13 @@ def run_overheads(config: str, *, iterations: int, repeats: int) -> list[Compari
     with tempfile.TemporaryDirectory(prefix="bench-overheads-") as run_dir:
         trainer = Trainer(run, os.path.join(run_dir, "run"))
         last_call = {}
-        step_fn = trainer.step_fn
+        update = trainer.update  # what the trainer calls for each mini-batch (the step, with fault injection)
 
-        def recording_step(*args, **kwargs):
+        def recording_update(*args, **kwargs):
             last_call.update(args=args, kwargs=kwargs)  # the last mini-batch only: no old states kept alive
-            return step_fn(*args, **kwargs)
+            return update(*args, **kwargs)
 
-        trainer.step_fn = recording_step
+        trainer.update = recording_update  # an instance attribute: read before the run's parts
         try:
             trainer.iteration(0)  # compiles
             iteration_times = []
@@ -51,6 +51,9 @@ def run_overheads(config: str, *, iterations: int, repeats: int) -> list[Compari
                 start = time.perf_counter()
                 trainer.iteration(it)
                 iteration_times.append(time.perf_counter() - start)
+            if not last_call:
+                raise RuntimeError("overheads: the trainer ran its iterations without calling `trainer.update`; "
+                                   "the benchmark no longer sees the step it times")
             lp = trainer.last_logprobs
             args, kwargs = last_call["args"], last_call["kwargs"]
             state, rest = trainer.state, args[1:]  # the step donated (deleted) the state it was given
