@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrl_fp16.sharding import _path_names, gather_to_host
+from jaxrl_fp16.sharding import path_names, gather_to_host
 
 __all__ = ["BARRIER_TIMEOUT_S", "is_multiprocess", "is_writer", "process_share", "group_share", "barrier",
            "first_then_others", "allgather_ints", "agree_max", "global_array", "input_sharding", "to_host",
@@ -146,7 +146,7 @@ def to_host(x: Any) -> np.ndarray:
 def _host_leaf(path: Any, x: Any) -> np.ndarray:
     if not (isinstance(x, jax.Array) and not x.is_fully_addressable):
         return np.asarray(jax.device_get(x))
-    if _STACKED in _path_names(path) and x.ndim >= 2:  # one layer at a time: never a whole stack on a device
+    if _STACKED in path_names(path) and x.ndim >= 2:  # one layer at a time: never a whole stack on a device
         out = np.empty(x.shape, x.dtype)
         for layer in range(x.shape[0]):
             out[layer] = gather_to_host(x, layer)

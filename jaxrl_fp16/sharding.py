@@ -37,7 +37,7 @@ from jaxrl_fp16.models.hf_table import hf_state_dict
 __all__ = ["MESH_AXES", "BATCH_AXES", "resolve_mesh_shape", "make_mesh", "axis_sizes", "param_spec",
            "param_specs", "shard_shape", "elements_per_device", "param_shardings", "state_shardings",
            "batch_sharding", "place", "gather_to_host", "HostGathered", "host_streamed", "stream_hf_weights",
-           "initialize_distributed"]
+           "initialize_distributed", "path_names"]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ def axis_sizes(mesh: Mesh) -> dict[str, int]:
 
 # ----- the rules -----
 
-def _path_names(path: Any) -> tuple[str, ...]:
+def path_names(path: Any) -> tuple[str, ...]:
+    """The names along a pytree key path (dict keys, attribute names, sequence indices), as strings."""
     names = []
     for entry in path:
         for attr in ("key", "name", "idx"):
@@ -122,7 +123,7 @@ def param_spec(path: Any, shape: tuple[int, ...], sizes: Mapping[str, int]) -> P
 
     A pure function of the path, the shape and the mesh axis sizes; see the module docstring for the rules.
     """
-    names = _path_names(path) if path and not isinstance(path[0], str) else tuple(path)
+    names = path_names(path) if path and not isinstance(path[0], str) else tuple(path)
     spec: list[str | None] = [None] * len(shape)
     first = 1 if _STACKED in names and len(shape) > 0 else 0  # also under a prefix, e.g. PPO's "policy"
     t, f = sizes.get("tensor", 1), sizes.get("fsdp", 1)

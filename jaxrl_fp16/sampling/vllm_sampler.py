@@ -45,6 +45,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Sequence
 
 from jaxrl_fp16 import torch_bridge
+from jaxrl_fp16._xla_flags import deterministic
 from jaxrl_fp16.models.config import ModelConfig
 from jaxrl_fp16.precision import as_dtype
 from jaxrl_fp16.sampling.base import BaseSampler, Rollout, SamplingSettings, validate_prompts
@@ -81,8 +82,6 @@ def engine_environment(environ: Mapping[str, str], *, tensor_parallel_size: int 
     (tensor or pipeline parallelism, or the user's multiprocessing), VLLM_WORKER_MULTIPROC_METHOD=spawn, since
     forking a process whose JAX already holds CUDA is unsafe; on a CPU, a 1 GiB KV cache; on a GPU with
     determinism on (JAXRL_FP16_DETERMINISTIC), VLLM_BATCH_INVARIANT=1."""
-    from jaxrl_fp16._xla_flags import deterministic
-
     defaults = {} if _ENV_MULTIPROC in environ else {_ENV_MULTIPROC: "0"}
     if cuda and deterministic(environ) and BATCH_INVARIANT_ENV not in environ:
         defaults[BATCH_INVARIANT_ENV] = "1"
