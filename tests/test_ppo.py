@@ -323,6 +323,16 @@ def test_critic_values_read_the_state_before_each_token():
     want = np.asarray(h, np.float64) @ np.asarray(critic["value_head"]["kernel"], np.float64) + 0.25
     assert values.dtype == np.float32 and values[:, 0].tolist() == [0.0, 0.0, 0.0]
     np.testing.assert_allclose(values[:, 1:], want[:, :-1], rtol=1e-5, atol=1e-5)
+    # The critic runs the attention its model resolves, as the policy's log-probs do (here blockwise, blocks of
+    # 2 keys: the causal mask is built per block, no [B, T, T] array); equal on the states of real tokens (a
+    # padding query sees no key, and the two attentions fill such rows differently).
+    blockwise = CausalLM(CFG, attention="blockwise", attention_block=2)
+    got = np.asarray(jax.jit(ppo.critic_values, static_argnums=0)(blockwise, critic, tokens, attn))
+    real = np.asarray(attn, bool)[:, :-1]  # value t reads the state after token t - 1
+    np.testing.assert_allclose(got[:, 1:][real], values[:, 1:][real], rtol=1e-5, atol=1e-5)
+    program = str(jax.make_jaxpr(ppo.critic_values, static_argnums=0)(blockwise, critic, tokens, attn))
+    B, T = tokens.shape
+    assert f"[{B},{T},{T}]" not in program
     # A fresh critic predicts 0 everywhere.
     fresh = ppo.init_params(policy)["critic"]
     assert np.all(np.asarray(jax.jit(ppo.critic_values, static_argnums=0)(model, fresh, tokens, attn)) == 0.0)

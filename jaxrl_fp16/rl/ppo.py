@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from jaxrl_fp16 import multiprocess
-from jaxrl_fp16.models.decoder import CausalLM, causal_inputs
+from jaxrl_fp16.models.decoder import CausalLM, valid_inputs
 from jaxrl_fp16.precision import Policy
 from jaxrl_fp16.rl.advantages import gae_advantages, masked_whiten
 from jaxrl_fp16.rl.losses import AGGREGATIONS
@@ -148,10 +148,12 @@ def make_optimizer(inner: optax.GradientTransformation, critic: CriticConfig,
 def critic_values(model: CausalLM, critic: Any, tokens_BxT: Array, attention_mask_BxT: Array) -> Array:
     """V [B, T] in FP32: entry t is the value of the state tokens[:, :t] (entry 0 is 0), the log-probs' layout.
 
-    The backbone runs in `model`'s compute dtype; the scalar head reads its final-normed hidden state in FP32.
+    The backbone runs in `model`'s compute dtype, with the attention the policy's log-probs use (the key validity
+    [B, T]: the model builds the causal mask itself, per block for blockwise attention, never a [B, T, T] array
+    for long sequences); the scalar head reads its final-normed hidden state in FP32.
     """
-    positions_BxT, mask_BxTxT = causal_inputs(tokens_BxT, None, attention_mask_BxT)
-    h_BxTxH, _, _ = model.apply({"params": critic["backbone"]}, tokens_BxT, positions_BxT, mask_BxTxT,
+    positions_BxT, valid_BxT = valid_inputs(tokens_BxT, None, attention_mask_BxT)
+    h_BxTxH, _, _ = model.apply({"params": critic["backbone"]}, tokens_BxT, positions_BxT, valid_BxT,
                                 return_logits=False)
     head = critic["value_head"]
     v_BxT = jnp.dot(h_BxTxH.astype(jnp.float32), head["kernel"].astype(jnp.float32),
