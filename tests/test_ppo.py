@@ -338,6 +338,35 @@ def test_critic_values_read_the_state_before_each_token():
     assert np.all(np.asarray(jax.jit(ppo.critic_values, static_argnums=0)(model, fresh, tokens, attn)) == 0.0)
 
 
+def test_the_value_scorer_batches_rows_by_its_rule():
+    """V_old scored in batches of the rule's rows (filler rows in the last batch) equals the critic's values of
+    all rows at once; a rule that gives no rows is an error."""
+    from jaxrl_fp16.precision import get_policy
+
+    critic = ppo.init_params(_tiny_params())["critic"]
+    rng = np.random.default_rng(5)
+    critic["value_head"] = {"kernel": jnp.asarray(rng.normal(size=32), jnp.float32), "bias": jnp.float32(-0.5)}
+    tokens = rng.integers(1, 61, size=(5, 6)).astype(np.int32)
+    attn = np.ones((5, 6), np.int32)
+    attn[1, :2] = 0
+    model, policy = CausalLM(CFG), get_policy("fp32")
+    want = np.asarray(jax.jit(ppo.critic_values, static_argnums=0)(model, critic, tokens, attn))
+    seen = []
+
+    def rule(width, num_rows):
+        seen.append((width, num_rows))
+        return 2
+
+    got = ppo.ValueScorer(model, policy, rows=rule)(critic, tokens, attn)
+    assert seen == [(6, 5)] and got.shape == (5, 6) and got.dtype == np.float32
+    real = attn.astype(bool)
+    np.testing.assert_allclose(got[real], want[real], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ppo.ValueScorer(model, policy)(critic, tokens, attn)[real], want[real], rtol=1e-6,
+                               atol=1e-6)  # the default: up to 64 rows, here all 5 at once
+    with pytest.raises(ValueError, match="0 rows"):
+        ppo.ValueScorer(model, policy, rows=lambda width, num_rows: 0)(critic, tokens, attn)
+
+
 def test_one_optimizer_clips_each_group_and_scales_the_critic():
     g = {"policy": {"w": jnp.full((4,), 3.0)}, "critic": {"w": jnp.full((9,), 0.1)}}
     params = jax.tree_util.tree_map(jnp.zeros_like, g)

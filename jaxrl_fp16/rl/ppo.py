@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -239,18 +239,28 @@ def _values(model: CausalLM, policy: Policy, critic: Any, tokens_BxT: Array, mas
     return critic_values(model, policy.cast_to_compute(critic), tokens_BxT, mask_BxT)
 
 
-class ValueScorer:
-    """V_old of a rollout: the critic's values with the same cast and forward as in the step, in fixed batches."""
+def fixed_rows(batch_size: int) -> Callable[[int, int], int]:
+    """A `ValueScorer` row rule: `batch_size` rows per batch, fewer for a smaller rollout."""
+    return lambda width, num_rows: max(1, min(batch_size, num_rows))
 
-    def __init__(self, model: CausalLM, policy: Policy, batch_size: int = 64):
-        self.model, self.policy, self.batch_size = model, policy, batch_size
+
+class ValueScorer:
+    """V_old of a rollout: the critic's values with the same cast and forward as in the step, in batches of
+    `rows(width, num_rows)` rows. The trainer passes the policy scorer's rule (`Scorer.rows` under the run's
+    `train.score_memory_gib`): the critic's forward holds the policy's activations less the logits chunk, so the
+    policy's row count fits the same budget."""
+
+    def __init__(self, model: CausalLM, policy: Policy, rows: Callable[[int, int], int] = fixed_rows(64)):
+        self.model, self.policy, self.rows = model, policy, rows
 
     def __call__(self, critic: Any, tokens: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """[N, T] float32 values of `critic` (FP32 master parameters)."""
         tokens = np.asarray(tokens, np.int32)
         attention_mask = np.asarray(attention_mask, np.int32)
         N, T = tokens.shape
-        bs = min(self.batch_size, N)
+        bs = self.rows(T, N)
+        if bs < 1:
+            raise ValueError(f"ValueScorer: the row rule gave {bs} rows for {N} rows of width {T}")
         out = []
         for start in range(0, N, bs):
             n = min(bs, N - start)

@@ -116,6 +116,14 @@ def _prompt_ids(tokenizer: Any, problems: list) -> list[list[int]]:
     return [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
 
 
+def _value_scorer(run: RunConfig, model: CausalLM, scorer: Scorer) -> ppo.ValueScorer | None:
+    """PPO's V_old scorer, in batches of the rows the policy scorer takes under `train.score_memory_gib`."""
+    if not run.critic.enabled:
+        return None
+    budget = run.train.score_memory_gib
+    return ppo.ValueScorer(model, run.policy, rows=lambda width, num_rows: scorer.rows(width, num_rows, budget))
+
+
 def setup_run(run: RunConfig, run_dir: str, *, resume: bool = False,
               resume_options: ResumeOptions = ResumeOptions()) -> tuple[RunParts, TrainState, int]:
     """(parts, state, start iteration) of an RL run in `run_dir`; a resume restores the latest checkpoint (after
@@ -168,7 +176,7 @@ def setup_run(run: RunConfig, run_dir: str, *, resume: bool = False,
                      width=width, scorer=scorer, model=model, trainable=trainable, frozen=frozen,
                      optimizer=optimizer, state_sharding=state_sharding, batch_sharding=batch_sharding,
                      memory=memory, step_fn=step_fn, update=inject_overflows(step_fn, run.debug.inject_overflow_steps),
-                     value_scorer=ppo.ValueScorer(model, run.policy) if run.critic.enabled else None,
+                     value_scorer=_value_scorer(run, model, scorer),
                      checkpointer=checkpointer)
     if resume:
         sampler.push_weights(trainable.policy_weights(state.params))
