@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
+
 import jaxrl_fp16  # noqa: F401  (first: sets the XLA flags before JAX starts)
 from benchmarks import models
 from benchmarks.common import Comparison, machine_info, markdown_table, write_results

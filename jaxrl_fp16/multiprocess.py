@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxrl_fp16.sharding import path_names, gather_to_host
+from jaxrl_fp16.sharding import gather_to_host, path_names
 
 __all__ = ["BARRIER_TIMEOUT_S", "is_multiprocess", "is_writer", "process_share", "group_share", "barrier",
            "first_then_others", "allgather_ints", "agree_max", "global_array", "input_sharding", "to_host",
