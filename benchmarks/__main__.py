@@ -111,12 +111,11 @@ def main(argv=None) -> int:
                         handlers=[logging.StreamHandler(sys.stderr)])
     for noisy in ("vllm", "jax", "absl", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    root = os.path.join(args.out, "models")
     if args.unit is not None:
         known = unit_names(set(GROUPS))
         if args.unit not in known:
             ap.error(f"unknown unit {args.unit!r}; the units are: {', '.join(known)}")
-        results = run_unit(args.unit, root, args.repeats)
+        results = run_unit(args.unit, os.path.join(args.out, "models"), args.repeats)
         if args.unit_json:
             with open(args.unit_json, "w") as f:
                 json.dump([dataclasses.asdict(r) for r in results], f)
@@ -124,8 +123,6 @@ def main(argv=None) -> int:
     only = set(args.only.split(","))
     if only - set(GROUPS):
         ap.error(f"--only: unknown {sorted(only - set(GROUPS))}; choose from {', '.join(GROUPS)}")
-    for size in models.SIZES:  # built once here, not by two units at once
-        models.build(root, size)
     results = []
     for name in unit_names(only):
         logging.getLogger("benchmarks").info("unit %s", name)
