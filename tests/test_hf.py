@@ -405,6 +405,33 @@ def test_tiny_tokenizer_roundtrips_and_matches_config(family, tiny_dirs):
     assert gen["eos_token_id"] == tok.eos_token_id and gen["pad_token_id"] == tok.pad_token_id
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_load_tokenizer_is_what_autotokenizer_loads(family, tiny_dirs, tmp_path):
+    """The tiny models' generic tokenizer is loaded without AutoTokenizer (no torch import), and is the tokenizer
+    AutoTokenizer gives; a folder naming another class goes through AutoTokenizer."""
+    path = tiny_dirs[family]
+    assert hf.generic_tokenizer_class(path) is not None
+    renamed = shutil.copytree(path, tmp_path / "renamed")
+    config = json.loads((renamed / "tokenizer_config.json").read_text())
+    (renamed / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    assert hf.generic_tokenizer_class(renamed) is None
+    text = "Q: 12 + 30 = ?<|pad|>naïve<|endoftext|>"
+    for folder in (path, str(renamed)):
+        ours, auto = hf.load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+        assert type(ours) is type(auto)
+        assert ours(text)["input_ids"] == auto(text)["input_ids"] and ours.decode(auto(text)["input_ids"]) == text
+        assert (ours.eos_token_id, ours.pad_token_id, len(ours)) == (auto.eos_token_id, auto.pad_token_id, len(auto))
+        assert ours.get_vocab() == auto.get_vocab() and ours.all_special_tokens == auto.all_special_tokens
+
+
+@pytest.mark.parametrize("family", ["qwen2_tied", "qwen3", "llama"])
+def test_loading_a_tiny_tokenizer_imports_no_torch(family, tiny_dirs):
+    code = ("import sys; from jaxrl_fp16.models.hf import load_tokenizer; "
+            f"assert load_tokenizer({tiny_dirs[family]!r})('12')['input_ids'] == [1, 2]; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=300).returncode == 0
+
+
 def test_sharp_scales_the_logits(tmp_path):
     tokens = torch.tensor([[5, 17, 30, 2, 9, 44]])
     logits = {}
