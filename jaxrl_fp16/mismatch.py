@@ -112,16 +112,25 @@ def mismatch_metrics(sampler_logprobs: jax.Array, trainer_logprobs: jax.Array,
                      mask: jax.Array) -> dict[str, jax.Array]:
     """Sampler-vs-trainer mismatch statistics over the response tokens (see the module docstring).
 
+    One jitted program per input shape (eagerly, its ~100 small ops would each be dispatched, and compiled once
+    per process); traced inside another jitted function it is inlined as usual.
+
     Args:
       sampler_logprobs: [B, T] log mu of the sampled tokens, as the sampler reported them.
       trainer_logprobs: [B, T] log pi of the same tokens, recomputed by the trainer.
       mask: [B, T] bool or numeric; nonzero on response tokens. Other positions may hold anything.
 
     Returns:
-      A dict keyed by `METRIC_NAMES` of scalars: float32, except `mismatch/num_tokens` (int32). The dict is built
-      in `METRIC_NAMES` order, but `jax.jit` returns dict keys sorted; `summarize` restores the order.
+      A dict keyed by `METRIC_NAMES` of scalars: float32, except `mismatch/num_tokens` (int32), in
+      `METRIC_NAMES` order (`jax.jit` of this function returns the keys sorted; `summarize` restores the order).
     """
     _check_shapes(sampler_logprobs, trainer_logprobs, mask)
+    out = _metrics(sampler_logprobs, trainer_logprobs, mask)
+    return {name: out[name] for name in METRIC_NAMES}
+
+
+@jax.jit
+def _metrics(sampler_logprobs: jax.Array, trainer_logprobs: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
     mask_BxT = jnp.asarray(mask).astype(bool)
     # Garbage at masked-out positions is replaced before any arithmetic, so no NaN/inf can leak from it.
     logp_mu_BxT = jnp.where(mask_BxT, jnp.asarray(sampler_logprobs, jnp.float32), 0.0)
