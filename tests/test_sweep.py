@@ -1,6 +1,7 @@
 """The precision sweep: format parsing, the row schema and its `collapsed` rule, a tiny sweep end to end (files,
 resume, emulated FP16 against real FP16), the auto loss scale of emulated formats, the long-response task."""
 
+import functools
 import json
 import math
 
@@ -176,21 +177,29 @@ def test_a_second_sweep_skips_finished_runs(sweep_dir, cache_dir):
         assert (sweep_dir / r["run_dir"] / "metrics.jsonl").read_text() == before[r["format"]]
 
 
-def _engine_gap(fmt: str, run) -> float:
-    """Mean |log p_sampler - log p_trainer| over the tokens of a random tiny model (weights x4, so that rounding
-    moves the log-probs): the sampler with the preset's `sampler.fp32_ops`, the trainer op by op, both in `fmt`
-    (a real dtype, or emulated in float32)."""
+@functools.cache
+def _random_model():
+    """A random tiny model (weights x4, so that rounding moves the log-probs) and tokens to score."""
     cfg = ModelConfig(arch="qwen2", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=16, qkv_bias=True, max_position_embeddings=256)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (4, 48), 0, cfg.vocab_size)
     params = CausalLM(cfg).init(jax.random.PRNGKey(0), tokens, *causal_inputs(tokens, None, None))["params"]
-    params = jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x, params)
+    return cfg, tokens, jax.tree.map(lambda x: x * 4.0 if x.ndim > 1 else x, params)
+
+
+_token_logprobs = jax.jit(token_logprobs, static_argnums=0)  # one program per model (eagerly: many small ones)
+
+
+def _engine_gap(fmt: str, run) -> float:
+    """Mean |log p_sampler - log p_trainer| over the tokens of a random tiny model: the sampler with the preset's
+    `sampler.fp32_ops`, the trainer op by op, both in `fmt` (a real dtype, or emulated in float32)."""
+    cfg, tokens, params = _random_model()
     real = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
     dtype, emulate = (real[fmt], None) if fmt in real else (jnp.float32, fmt)
 
     def logprobs(ops):
         model = CausalLM(cfg, dtype=dtype, numerics=Numerics.from_overrides(ops, emulate=emulate))
-        return np.asarray(token_logprobs(model, params, tokens))[:, 1:]
+        return np.asarray(_token_logprobs(model, params, tokens))[:, 1:]
 
     return float(np.abs(logprobs(run.sampler.fp32_ops) - logprobs(run.model.fp32_ops)).mean())
 
