@@ -5,6 +5,8 @@ The cuDNN kernel needs a GPU: here its wrapper (`fused_attention`: row rotation 
 layout) runs with JAX's XLA implementation ("fused-xla"), which checks everything but the kernel itself.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +31,7 @@ CONFIGS = {
 B, T, BLOCK = 3, 37, 8  # T not a multiple of the block
 
 
+@functools.cache  # one eager init per config (seconds each), shared: callers must not mutate the dicts
 def init_params(cfg, seed=0):
     tok = jnp.zeros((1, 4), jnp.int32)
     params = CausalLM(cfg).init(jax.random.PRNGKey(seed), tok, *causal_inputs(tok, None, None))["params"]
