@@ -12,6 +12,7 @@ bits), and with two or more rows every row's log-probs are bitwise the same what
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -25,7 +26,7 @@ from jaxrl_fp16.models.decoder import CausalLM, token_logprobs
 from jaxrl_fp16.precision import as_dtype
 
 __all__ = ["DEFAULT_SCORE_MEMORY_GIB", "MIN_BUCKET_WIDTH", "MIN_SCORE_ROWS", "Scorer", "bucket_width",
-           "bucket_widths", "score_row_bytes", "score_rows"]
+           "bucket_widths", "device_inputs", "filled_batches", "score_row_bytes", "score_rows"]
 
 MIN_BUCKET_WIDTH = 16  # the smallest bucket: shorter rows cost a few padded tokens, not another compile
 DEFAULT_SCORE_MEMORY_GIB = 2.0  # activation budget of one scoring batch (`train.score_memory_gib`)
@@ -91,13 +92,30 @@ def _score(model: CausalLM, params: Any, tokens_BxT: jax.Array, mask_BxT: jax.Ar
     return token_logprobs(model, params, tokens_BxT, mask_BxT, temperature=temperature, chunk_size=chunk_size)
 
 
-def _inputs(params: Any, *host: np.ndarray) -> list[jax.Array]:
-    """Host arrays as `_score` takes them beside `params`: on the default device, or as replicated global arrays
-    when `params` span several processes (every process holds the same rows)."""
+def device_inputs(params: Any, *host: np.ndarray) -> list[jax.Array]:
+    """Host arrays as a jitted forward takes them beside `params`: on the default device, or as replicated global
+    arrays when `params` span several processes (every process holds the same rows)."""
     sharding = multiprocess.input_sharding(params)
     if sharding is None:
         return [jnp.asarray(x) for x in host]
     return [multiprocess.global_array(x, sharding) for x in host]
+
+
+def filled_batches(tokens: np.ndarray, attention_mask: np.ndarray, rows: int,
+                   width: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """The rows of `tokens` and `attention_mask` [N, T] in consecutive batches of `rows` rows, right-padded to
+    `width` >= T columns: yields (real rows n, tokens [rows, width], mask [rows, width]) as int32 host arrays, the
+    last batch topped up with filler rows (one real token, never read), so every batch has one shape."""
+    tokens, attention_mask = np.asarray(tokens, np.int32), np.asarray(attention_mask, np.int32)
+    N, T = tokens.shape
+    if rows < 1 or width < T:
+        raise ValueError(f"filled_batches: {rows} rows of width {width} cannot hold rows of width {T}")
+    for start in range(0, N, rows):
+        n = min(rows, N - start)
+        tok, mask = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
+        tok[:n, :T], mask[:n, :T] = tokens[start:start + n], attention_mask[start:start + n]
+        mask[n:, 0] = 1
+        yield n, tok, mask
 
 
 class Scorer:
@@ -138,21 +156,11 @@ class Scorer:
 
         Rows are right-padded to `bucket_width(T, max_width)` (`max_width`: the caller's fixed width, so an
         already bucketed batch is scored at its own width); `memory_gib` overrides the scorer's budget."""
-        tokens = np.asarray(tokens, np.int32)
-        attention_mask = np.asarray(attention_mask, np.int32)
-        N, T = tokens.shape
+        N, T = np.shape(tokens)
         width = bucket_width(T, max_width)
         compute_params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, self.compute_dtype), params)
-        bs = self.rows(width, N, memory_gib)
         out = []
-        for start in range(0, N, bs):
-            tok = np.zeros((bs, width), np.int32)
-            mask = np.zeros((bs, width), np.int32)
-            rows = slice(start, min(start + bs, N))
-            n = rows.stop - rows.start
-            tok[:n, :T], mask[:n, :T] = tokens[rows], attention_mask[rows]
-            mask[n:, 0] = 1  # filler rows: one real token, never read
-            lp = _score(self.model, compute_params, *_inputs(compute_params, tok, mask, np.float32(temperature)),
-                        self.chunk_size)
-            out.append(multiprocess.to_host(lp)[:n, :T])
+        for n, tok, mask in filled_batches(tokens, attention_mask, self.rows(width, N, memory_gib), width):
+            inputs = device_inputs(compute_params, tok, mask, np.float32(temperature))
+            out.append(multiprocess.to_host(_score(self.model, compute_params, *inputs, self.chunk_size))[:n, :T])
         return np.concatenate(out, axis=0)

@@ -20,7 +20,7 @@ from jaxrl_fp16.rl import trainer as trainer_module
 from jaxrl_fp16.rl.trainer import Trainer, rollout_arrays, rollout_span
 from jaxrl_fp16.sampling.base import Rollout
 from jaxrl_fp16.scoring import (MIN_BUCKET_WIDTH, MIN_SCORE_ROWS, Scorer, _score, bucket_width, bucket_widths,
-                                score_row_bytes, score_rows)
+                                filled_batches, score_row_bytes, score_rows)
 from jaxrl_fp16.step import TrainState, make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +66,25 @@ def _rollout(prompt_lens, response_lens, prompt_width, new_tokens, seed=0):
         logp[i, prompt_width:prompt_width + r] = -rng.random(r)
     return Rollout(tokens=tokens, attention_mask=attn, response_mask=resp, logprobs=logp,
                    prompt_index=np.arange(n), prompt_width=prompt_width, finish_reasons=["stop"] * n)
+
+
+def test_filled_batches_pad_columns_and_top_up_rows():
+    tokens = np.arange(1, 16, dtype=np.int32).reshape(5, 3)
+    mask = np.ones((5, 3), np.int32)
+    mask[1, 0] = 0
+    got = list(filled_batches(tokens, mask, 2, 4))
+    assert [n for n, _, _ in got] == [2, 2, 1]
+    tok = np.concatenate([t for _, t, _ in got])
+    msk = np.concatenate([m for _, _, m in got])
+    assert tok.shape == msk.shape == (6, 4) and tok.dtype == msk.dtype == np.int32
+    np.testing.assert_array_equal(tok[:5, :3], tokens)
+    np.testing.assert_array_equal(msk[:5, :3], mask)
+    assert not tok[:, 3].any() and not msk[:, 3].any()  # the padded column
+    assert msk[5].tolist() == [1, 0, 0, 0] and not tok[5].any()  # the filler row: one real token
+    with pytest.raises(ValueError, match="cannot hold rows of width 3"):
+        next(filled_batches(tokens, mask, 2, 2))
+    with pytest.raises(ValueError, match="0 rows"):
+        next(filled_batches(tokens, mask, 0, 4))
 
 
 def test_rollout_arrays_drop_padding_columns_and_keep_every_token():

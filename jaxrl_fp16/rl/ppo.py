@@ -38,6 +38,7 @@ from jaxrl_fp16.models.decoder import CausalLM, valid_inputs
 from jaxrl_fp16.precision import Policy
 from jaxrl_fp16.rl.advantages import gae_advantages, masked_whiten
 from jaxrl_fp16.rl.losses import AGGREGATIONS
+from jaxrl_fp16.scoring import device_inputs, filled_batches
 
 __all__ = ["CriticConfig", "GROUPS", "ValueScorer", "clip_by_group_norm", "critic_values", "explained_variance",
            "init_params", "iteration_targets", "make_optimizer", "policy_params", "rollout_targets", "scale_group",
@@ -255,21 +256,13 @@ class ValueScorer:
 
     def __call__(self, critic: Any, tokens: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """[N, T] float32 values of `critic` (FP32 master parameters)."""
-        tokens = np.asarray(tokens, np.int32)
-        attention_mask = np.asarray(attention_mask, np.int32)
-        N, T = tokens.shape
+        N, T = np.shape(tokens)
         bs = self.rows(T, N)
         if bs < 1:
             raise ValueError(f"ValueScorer: the row rule gave {bs} rows for {N} rows of width {T}")
         out = []
-        for start in range(0, N, bs):
-            n = min(bs, N - start)
-            tok, mask = np.zeros((bs, T), np.int32), np.zeros((bs, T), np.int32)
-            tok[:n], mask[:n] = tokens[start:start + n], attention_mask[start:start + n]
-            mask[n:, 0] = 1  # filler rows: one real token, never read
-            sharding = multiprocess.input_sharding(critic)  # critic spread over processes: global inputs
-            if sharding is not None:
-                tok, mask = multiprocess.global_array(tok, sharding), multiprocess.global_array(mask, sharding)
+        for n, tok, mask in filled_batches(tokens, attention_mask, bs, T):
+            tok, mask = device_inputs(critic, tok, mask)  # global arrays when the critic spans processes
             out.append(multiprocess.to_host(_values(self.model, self.policy, critic, tok, mask))[:n])
         return np.concatenate(out).astype(np.float32)
 
