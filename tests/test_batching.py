@@ -240,7 +240,9 @@ def cache_dir(base_models, tmp_path_factory):
 
 
 # Per-token log-probs of one rollout at two widths: a different program width changes XLA's summation order
-# over the (exactly zero) padded attention terms. In FP32 that is FP32 rounding; in FP16 an accumulation that
+# over the (exactly zero) padded attention terms, and the shape of every projection's product (rows x width
+# tokens are one axis of it), hence the matmul kernel's blocking. In FP32 that is FP32 rounding (measured on an
+# Intel Xeon: half the tokens differ, 2 of 311 by more than 1e-5, at most 1.2e-5); in FP16 an accumulation that
 # rounds to the other side flips one FP16 ulp of an activation, which moves a few log-probs by up to ~2 FP16 eps
 # (measured: 0.03 of the response tokens by more than 1e-5, at most 2.0e-3; the others by FP32 rounding).
 # The loss is a token mean of A x ratio with |A| <= 1 and the ratio exp(log pi - old log pi) ~ 1, so to first
@@ -248,7 +250,7 @@ def cache_dir(base_models, tmp_path_factory):
 # FP16 the losses measured 1.1e-5 apart with XLA's code for AVX2 on an Intel Xeon with AVX-512 FP16 (the former
 # bound, 1.6e-6, held on an AMD EPYC and with that Xeon's full instruction set).
 FP16_LOGP_ATOL, FP16_DIFFERING_FRAC = 4e-3, 0.1
-TOLERANCE = {"fp32": dict(atol=1e-5, frac=0.0, loss=dict(rtol=1e-5, atol=1e-6)),
+TOLERANCE = {"fp32": dict(atol=4e-5, frac=0.02, loss=dict(rtol=1e-5, atol=1e-6)),
              "fp16-mixed": dict(atol=FP16_LOGP_ATOL, frac=FP16_DIFFERING_FRAC,
                                 loss=dict(rtol=0.0, atol=FP16_LOGP_ATOL * FP16_DIFFERING_FRAC))}
 

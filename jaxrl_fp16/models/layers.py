@@ -88,7 +88,11 @@ def emulated_format(dtype: Any, numerics: Numerics) -> FloatFormat | None:
 
 
 class Dense(nn.Module):
-    """x @ kernel (+ bias) in `dtype`; kernel stored (in, out) in FP32."""
+    """x @ kernel (+ bias) in `dtype`; kernel stored (in, out) in FP32.
+
+    The leading axes of x are merged before the product ([B, T, in] -> [B*T, in]): the kernel's gradient is then
+    one [in, N] x [N, out] product, where a dot over (B, T) made XLA:CPU first copy the incoming gradient into a
+    transposed layout (a quarter of the small model's backward op time; README "Benchmarks")."""
 
     features: int
     use_bias: bool
@@ -101,7 +105,9 @@ class Dense(nn.Module):
         kernel = self.param("kernel", kernel_init(), (x.shape[-1], self.features), jnp.float32)
         ar = arith(self.dtype, self.fmt, self.compute_f32)
         x = arith(self.dtype, self.fmt).use(x)  # the input is in the compute dtype (format)
-        y = ar.out(jnp.dot(ar.cast(x), ar.cast(kernel), precision=ar.precision))
+        lead = x.shape[:-1]
+        y = jnp.dot(ar.cast(x.reshape(-1, x.shape[-1])), ar.cast(kernel), precision=ar.precision)
+        y = ar.out(y.reshape(*lead, self.features))
         if self.use_bias:
             y = ar.out(y + ar.cast(self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)))
         return y
