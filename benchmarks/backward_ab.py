@@ -1,9 +1,12 @@
 """Interleaved A/B of the training step with two versions of the decoder module, against PyTorch, in one process.
 
-    python -m benchmarks.backward_ab OLD_DECODER.py [--size small] [--dtype float32] [--repeats 9]
+    python -m benchmarks.backward_ab OLD_DECODER.py [--old-layers OLD_LAYERS.py] [--size small] [--dtype float32]
+        [--repeats 9]
 
 OLD_DECODER.py is another copy of `jaxrl_fp16/models/decoder.py` (e.g. `git show HEAD~1:jaxrl_fp16/models/decoder.py
-> /tmp/old.py`; the copy takes its building blocks, `jaxrl_fp16.models.layers`, from this tree). Each round times
+> /tmp/old.py`). The copy takes its building blocks, `jaxrl_fp16.models.layers`, from this tree, or from
+OLD_LAYERS.py, another copy of `jaxrl_fp16/models/layers.py`, with `--old-layers` (to time a change to the building
+blocks alone, pass this tree's decoder.py as OLD_DECODER.py). Each round times
 the forward (loss), the gradient, the full step (`train_step.OurTrainStep`'s optimizer and loss scaling) of both
 versions and the PyTorch step, round-robin; prints medians, the backward/forward ratio (gradient time minus forward,
 over forward) and each step's ratio to PyTorch. Both versions' gradients are compared bit for bit before timing.
@@ -34,12 +37,26 @@ from jaxrl_fp16.precision import get_policy
 from jaxrl_fp16.step import TrainState, make_train_step
 
 
-def _load(path: str):
-    spec = importlib.util.spec_from_file_location("decoder_under_test", path)
+def _load_file(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
+
+
+def _load(path: str, layers_path: str | None = None):
+    """The decoder in `path`; its `jaxrl_fp16.models.layers` import gets the file `layers_path` when given (the
+    import statement reads sys.modules, so the other layers module stands in while the decoder file runs)."""
+    if layers_path is None:
+        return _load_file(path, "decoder_under_test")
+    key = "jaxrl_fp16.models.layers"
+    ours = sys.modules[key]
+    sys.modules[key] = _load_file(layers_path, "layers_under_test")
+    try:
+        return _load_file(path, "decoder_under_test")
+    finally:
+        sys.modules[key] = ours
 
 
 def _fns(module, cfg, params, dtype: str, tokens, mask):
@@ -66,6 +83,7 @@ def _fns(module, cfg, params, dtype: str, tokens, mask):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.backward_ab", description=__doc__.splitlines()[0])
     ap.add_argument("old", help="path of the other decoder.py")
+    ap.add_argument("--old-layers", default=None, help="path of the other layers.py the old decoder builds on")
     ap.add_argument("--size", default="small", choices=sorted(models.SIZES))
     ap.add_argument("--dtype", default="float32", choices=sorted(POLICIES))
     ap.add_argument("--repeats", type=int, default=9)
@@ -76,7 +94,7 @@ def main(argv=None) -> None:
     params = jax.tree_util.tree_map(jnp.asarray, params)
     tokens, mask = batch(cfg.vocab_size, 8, 128)
     fns, grads = {}, {}
-    for name, module in (("old", _load(args.old)), ("new", decoder)):
+    for name, module in (("old", _load(args.old, args.old_layers)), ("new", decoder)):
         grads[name], named = _fns(module, cfg, params, args.dtype, tokens, mask)
         fns.update({f"{name}:{k}": f for k, f in named.items()})
     same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), grads["old"](params), grads["new"](params))
