@@ -121,18 +121,19 @@ def filled_batches(tokens: np.ndarray, attention_mask: np.ndarray, rows: int,
 class Scorer:
     """Computes log pi of every token of a batch of sequences with the training forward in one compute dtype.
 
-    `memory_gib`: the activation budget of one batch (`score_rows`); `batch_size`: an optional cap on its rows.
+    `memory_gib`: the activation budget of one batch (`score_rows`); `batch_size`: an optional cap on its rows;
+    `attention`, `attention_block`, `unroll`: the model's (`model.attention`, `model.layer_loop`).
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any = "float32", numerics: Numerics = Numerics(),
                  batch_size: int | None = None, memory_gib: float = DEFAULT_SCORE_MEMORY_GIB,
-                 chunk_size: int = 256, attention: str = "auto", attention_block: int = 512):
+                 chunk_size: int = 256, attention: str = "auto", attention_block: int = 512, unroll: bool = False):
         if not memory_gib > 0:
             raise ValueError(f"Scorer: memory_gib must be > 0, got {memory_gib!r}")
         self.cfg = cfg
         self.compute_dtype = as_dtype(dtype)
         self.model = CausalLM(cfg, dtype=self.compute_dtype, numerics=numerics, attention=attention,
-                              attention_block=attention_block)
+                              attention_block=attention_block, unroll=unroll)
         self.batch_size = batch_size
         self.memory_gib = memory_gib
         self.chunk_size = chunk_size

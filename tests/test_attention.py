@@ -139,6 +139,25 @@ def test_remat_keeps_logprobs_and_gradients(kind):
         assert max_rel_diff(g, ref_g) <= 1e-6, remat
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_an_unrolled_layer_loop_keeps_parameters_logprobs_and_gradients(remat):
+    """`model.layer_loop: unrolled` (CausalLM.unroll): the same parameter tree (so the same checkpoints) and the
+    same function; XLA compiles each layer apart, so FP32 rounding at most."""
+    cfg = CONFIGS["qwen2"]
+    scanned, unrolled = CausalLM(cfg, remat=remat), CausalLM(cfg, remat=remat, unroll=True)
+    tokens, mask = batch()
+    inputs = (tokens, *causal_inputs(tokens, None, mask))
+    a, b = (m.init(jax.random.PRNGKey(3), *inputs)["params"] for m in (scanned, unrolled))
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    ref_lp, ref_g = logprobs_and_grads(scanned, a, tokens, mask)
+    lp, g = logprobs_and_grads(unrolled, a, tokens, mask)
+    assert np.abs(lp - ref_lp).max() <= 1e-6
+    assert max_rel_diff(g, ref_g) <= 1e-6
+    hlo = [jax.jit(lambda p, m=m: m.apply({"params": p}, *inputs)[0]).lower(a).as_text() for m in (scanned, unrolled)]
+    assert "stablehlo.while" in hlo[0] and "stablehlo.while" not in hlo[1]  # the option does what it says
+
+
 def test_auto_is_dense_on_cpu_for_short_sequences():
     cfg = CONFIGS["llama"]
     params = init_params(cfg)

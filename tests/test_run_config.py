@@ -67,6 +67,7 @@ def test_overrides_and_steps():
     ("task.name=additon", ["additon", "addition", "count"]),
     ("loss_scale.kind=dynamc", ["dynamc", "dynamic", "static"]),
     ("model.fp32_ops=[lm_heads]", ["lm_heads", "lm_head"]),
+    ("model.layer_loop=unroll", ["model.layer_loop", "scan", "unrolled"]),
     ("sampler.fp32_ops=[ropes]", ["sampler.fp32_ops", "ropes", "rope"]),
     ("optimm.lr=1", ["optimm", "optim", "loss_scale"]),
     ("train.minibatches_per_iteration=3", ["minibatches_per_iteration=3"]),

@@ -113,10 +113,13 @@ def test_bf16_mismatch_is_at_least_three_times_fp16(arms):
 
 
 def test_injected_overflow_steps_are_skipped(cache_dir, tmp_path):
+    # also: the unrolled layer loop (model.layer_loop) reaches the step's and the scorer's forward
     run = load_config(TINY, quick(cache_dir, "train.iterations=2", "debug.inject_overflow_steps=[1,2]",
-                                  "loss_scale.kind=dynamic", "checkpoint.export_hf=false"))
+                                  "loss_scale.kind=dynamic", "checkpoint.export_hf=false",
+                                  "model.layer_loop=unrolled"))
     trainer = Trainer(run, str(tmp_path / "run"))
     try:
+        assert trainer.model.unroll is True and trainer.scorer.model.unroll is True
         params0 = [np.array(x) for x in __import__("jax").tree_util.tree_leaves(trainer.state.params)]
         history = trainer.run()
         params = [np.asarray(x) for x in __import__("jax").tree_util.tree_leaves(trainer.state.params)]

@@ -94,7 +94,7 @@ class DPOTrainer:
 
         self.model = CausalLM(self.model_cfg, dtype=self.policy.compute_dtype, numerics=run.model.numerics(),
                               attention=run.model.attention, attention_block=run.model.attention_block,
-                              remat=run.model.remat)
+                              remat=run.model.remat, unroll=run.model.unroll)
         self.loss_cfg = d.loss_config()
         self._score = jax.jit(functools.partial(pair_logps, self.model))
         params = jax.tree_util.tree_map(jnp.asarray, params)

@@ -32,12 +32,13 @@ from jaxrl_fp16.validation import (ConfigError, call_checked, check_choice, chec
                                    check_positive)
 
 __all__ = ["ModelSection", "TinyModelConfig", "SFTSection", "run_sft", "ensure_base_model", "sft_examples",
-           "SFT_LOSS_SCALE", "ATTENTION_CHOICES", "REMAT_CHOICES"]
+           "SFT_LOSS_SCALE", "ATTENTION_CHOICES", "REMAT_CHOICES", "LAYER_LOOP_CHOICES"]
 
 log = logging.getLogger(__name__)
 
 ATTENTION_CHOICES = ("auto", "dense", "blockwise", "cudnn")
 REMAT_CHOICES = ("auto", "none", "full", "dots")
+LAYER_LOOP_CHOICES = ("scan", "unrolled")
 # The warm start's loss scale: dynamic for float16 compute (from 2^15, growing every 200 finite steps), else none.
 SFT_LOSS_SCALE = LossScaleSection(init_scale=2.0 ** 15, period=200)
 
@@ -126,6 +127,10 @@ class ModelSection:
     # Rematerialisation of each scanned decoder layer in the backward pass: "none", "full" (recompute the whole
     # layer), "dots" (save matmul outputs, recompute the rest), "auto" (chosen per backend).
     remat: str = "auto"
+    # The layer loop of the training and scoring forward (not the sampler's): "scan" (one compiled layer, looped)
+    # or "unrolled" (every layer compiled in line: no per-layer slicing of the stacked weights and activations;
+    # faster on a CPU, compile time grows with the layer count). Same parameters, same checkpoints.
+    layer_loop: str = "scan"
 
     def __post_init__(self):
         check_fields(self, "model")
@@ -136,7 +141,13 @@ class ModelSection:
             raise ConfigError(f"{key}: {e}") from None
         check_choice("model.attention", self.attention, ATTENTION_CHOICES)
         check_choice("model.remat", self.remat, REMAT_CHOICES)
+        check_choice("model.layer_loop", self.layer_loop, LAYER_LOOP_CHOICES)
         check_positive("model", attention_block=self.attention_block)
+
+    @property
+    def unroll(self) -> bool:
+        """`CausalLM.unroll` of the training and scoring forward."""
+        return self.layer_loop == "unrolled"
 
     def numerics(self) -> Numerics:
         """The `Numerics` the trainer, scorer and JAX sampler run with."""

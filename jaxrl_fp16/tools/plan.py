@@ -89,7 +89,7 @@ def plan_shapes(run: RunConfig, cfg: ModelConfig, trainer_devices: int) -> PlanS
     width = plan_width(run, cfg)
     scorer = Scorer(cfg, dtype=run.policy.compute_dtype, numerics=run.model.numerics(),
                     memory_gib=t.score_memory_gib, attention=run.model.attention,
-                    attention_block=run.model.attention_block)
+                    attention_block=run.model.attention_block, unroll=run.model.unroll)
     score_rows = scorer.rows(width, t.prompts_per_iteration * t.samples_per_prompt)
     return PlanShapes(mesh=mesh, step_rows=rows, microbatches=t.microbatches, width=width, score_rows=score_rows,
                       score_width=width)
@@ -117,6 +117,8 @@ def _model_options(run: RunConfig, cfg: ModelConfig, width: int, backend: str) -
     options = {"attention": kind, "remat": remat}
     if "attention_block" in fields:
         options["attention_block"] = m.attention_block
+    if "unroll" in fields:
+        options["unroll"] = m.unroll
     return options, f"{note}; remat {m.remat} -> {remat} (as for backend {backend})"
 
 
