@@ -143,7 +143,9 @@ def test_xla_dlpack_and_numpy_weights_are_bit_identical(trainer, dtype):
               "xla from numpy": list(torch_weights(params, cfg, dtype)),
               "dlpack": list(torch_weights(on_device, cfg, dtype, via_dlpack=True)),
               "views": list(torch_weights(on_device, cfg, dtype, views=linears)),
-              "views from numpy": list(torch_weights(params, cfg, dtype, views=linears))}
+              "views from numpy": list(torch_weights(params, cfg, dtype, views=linears)),
+              "numpy and jax leaves": list(torch_weights(
+                  dict(on_device, layers=dict(on_device["layers"], attn=params["layers"]["attn"])), cfg, dtype))}
     for route in ("xla", "views"):  # HF (out, in) tensors, or (out, in) views of the (in, out) Flax layout
         strides = {name: t.stride() for name, t in routes[route] if name in linears}
         assert strides and all((s[0] == 1) == (route == "views") for s in strides.values()), (route, strides)

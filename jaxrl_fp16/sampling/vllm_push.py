@@ -40,7 +40,7 @@ import numpy as np
 from jaxrl_fp16 import torch_bridge
 from jaxrl_fp16.models.config import ModelConfig
 from jaxrl_fp16.models.hf import save_hf_params
-from jaxrl_fp16.models.hf_table import enabled_rows, hf_dtype, hf_entries, hf_shape, iter_hf_tensors
+from jaxrl_fp16.models.hf_table import Row, enabled_rows, hf_dtype, hf_entries, hf_shape, iter_hf_tensors
 from jaxrl_fp16.precision import as_dtype, dtype_name
 from jaxrl_fp16.sharding import host_streamed, stream_hf_weights
 
@@ -72,13 +72,13 @@ def _hf_layout(x: jax.Array, *, transpose: bool, dtype: np.dtype) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("transposes", "stacked", "dtype"))
-def _layer_hf_layout(arrays: tuple, layer: jax.Array, *, transposes: tuple[bool, ...], stacked: tuple[bool, ...],
+def _layer_hf_layout(arrays: tuple, layer: jax.Array, *, transposes: tuple[bool, ...], stacked: bool,
                      dtype: np.dtype) -> tuple[jax.Array, ...]:
     """One layer's HF tensors, in one call: from each array its slice `layer` (where `stacked`; otherwise the
-    array is that slice already), (out, in) where `transposes` says, cast to `dtype` (as `_hf_layout`)."""
+    arrays are that slice already), (out, in) where `transposes` says, cast to `dtype` (as `_hf_layout`)."""
     out = []
-    for x, transpose, whole in zip(arrays, transposes, stacked):
-        x = jax.lax.dynamic_index_in_dim(x, layer, keepdims=False) if whole else x
+    for x, transpose in zip(arrays, transposes):
+        x = jax.lax.dynamic_index_in_dim(x, layer, keepdims=False) if stacked else x
         out.append((x.T if transpose else x).astype(dtype))
     return tuple(out)
 
@@ -140,19 +140,23 @@ class _XlaRoute:
         return self._tensors.pop(ref.path)
 
     def _layer_tensors(self, layer: int) -> dict[tuple[str, ...], Any]:
-        arrays = [self.arrays[row.path] for row in self.rows]
-        host = [isinstance(x, np.ndarray) for x in arrays]
-        args = tuple(x[layer] if h else x for x, h in zip(arrays, host))
-        views = tuple(row.transpose and row.hf.format(i=layer) in self.views for row in self.rows)
-        call = functools.partial(_layer_hf_layout, args, np.int32(layer), dtype=self.dtype,
-                                 transposes=tuple(row.transpose and not v for row, v in zip(self.rows, views)),
-                                 stacked=tuple(not h for h in host))
-        if any(host):
-            with jax.default_device(jax.local_devices(backend="cpu")[0]):
-                out = call()
-        else:
-            out = call()
-        return {row.path: self._torch(x).t() if v else self._torch(x) for row, x, v in zip(self.rows, out, views)}
+        """Layer `layer`'s tensors: one jitted call per device the stacked arrays live on (host numpy arrays: the
+        host CPU device, given their slices)."""
+        groups: dict[Any, list[Row]] = {}
+        for row in self.rows:
+            x = self.arrays[row.path]
+            groups.setdefault(None if isinstance(x, np.ndarray) else next(iter(x.devices())), []).append(row)
+        tensors = {}
+        for device, rows in groups.items():
+            host = device is None
+            views = tuple(row.transpose and row.hf.format(i=layer) in self.views for row in rows)
+            args = tuple(self.arrays[row.path][layer] if host else self.arrays[row.path] for row in rows)
+            with jax.default_device(jax.local_devices(backend="cpu")[0] if host else device):
+                out = _layer_hf_layout(args, np.int32(layer), dtype=self.dtype, stacked=not host,
+                                       transposes=tuple(row.transpose and not v for row, v in zip(rows, views)))
+            tensors.update((row.path, self._torch(x).t() if v else self._torch(x))
+                           for row, x, v in zip(rows, out, views))
+        return tensors
 
     def _torch(self, out: jax.Array) -> Any:
         if self.on_device or all(d.platform == "cpu" for d in out.devices()):
