@@ -16,12 +16,12 @@ kernel reads `layer.weight` at call time) the same bytes land in the same tensor
 - norms and everything else: the whole tensor.
 
 An unquantized linear whose CPU GEMM keeps its own packed copy of the weight (vLLM's CPU backend: oneDNN, SGL or
-zentorch; it then replaces `layer.weight` with an empty tensor) is rebuilt instead (`DirectPlan.rebuild`): its HF
-tensors are laid out as its loader would (the same slots) in transient tensors, and once a module has all of them
-its `process_weights_after_loading` runs on them, as in vLLM's layerwise reload: the engine's own parameter objects
-are kept and receive what processing left in them (an empty weight, the bias), and the new GEMM replaces the old.
-An embedding or LM head whose CPU GEMM keeps a packed copy is written in place and its GEMM rebuilt after the push
-(`DirectPlan.repack`, what vLLM's loader does after loading it).
+zentorch; it then replaces `layer.weight` with an empty tensor) is rebuilt instead (`Rebuild`,
+`DirectPlan.rebuilds`): its HF tensors are laid out as its loader would (the same slots) in transient tensors, and
+once a module has all of them its `process_weights_after_loading` runs on them, as in vLLM's layerwise reload: the
+engine's own parameter objects are kept and receive what processing left in them (an empty weight, the bias), and
+the new GEMM replaces the old. An embedding or LM head whose CPU GEMM keeps a packed copy is written in place and
+its GEMM rebuilt after the push (`DirectPlan.repack`, what vLLM's loader does after loading it).
 
 What cannot be written in place or rebuilt goes through `reload_weights` (`DirectPlan.reload`, logged with the
 reason once): a quantized or otherwise processed layer (a quant method other than vLLM's unquantized ones), a
