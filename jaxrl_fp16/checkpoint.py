@@ -178,11 +178,22 @@ def _orbax_errors_held() -> Iterator[_HoldErrors]:
             logger.handle(record)
 
 
-def _join_new_threads(before: set[threading.Thread], timeout: float) -> None:
-    """Waits (at most `timeout` seconds in all) for the threads started since `before` to end."""
+def _join_new_threads(before: set[threading.Thread], timeout: float, start_wait: float = 1.0) -> None:
+    """Waits (at most `timeout` seconds in all) for the threads started since `before` to end.
+
+    `threading.enumerate` also lists threads whose start has not completed, which `join` refuses (RuntimeError):
+    such a thread is given up to `start_wait` seconds to start (then it is joined), else left alone."""
     deadline = time.monotonic() + timeout
     for t in set(threading.enumerate()) - before:
-        t.join(timeout=max(0.0, deadline - time.monotonic()))
+        started_by = min(deadline, time.monotonic() + start_wait)
+        while True:
+            try:
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
+                break
+            except RuntimeError:  # not started (yet)
+                if time.monotonic() >= started_by:
+                    break
+                time.sleep(0.01)
 
 
 class Checkpointer:

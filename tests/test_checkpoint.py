@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import jax
@@ -167,6 +168,26 @@ def test_garbage_meta_json_names_the_file(tmp_path):
     (directory / "2" / "meta" / "metadata").write_text("")
     with pytest.raises(CheckpointError, match=r"the others do not restore either: 2 \(.*2/meta/metadata"):
         ck.restore(make_state(), fallback=True)
+
+
+def test_the_wait_for_orbax_threads_takes_threads_that_are_still_starting(monkeypatch):
+    """`threading.enumerate` lists threads whose start has not completed; `join` refuses them (RuntimeError). The
+    failed-save path waits for such a thread to start, then joins it, and gives up on one that never starts."""
+    from jaxrl_fp16.checkpoint import _join_new_threads
+
+    running = threading.Thread(target=time.sleep, args=(0.2,))
+    late = threading.Thread(target=time.sleep, args=(0.3,))  # started 0.1 s from now
+    never = threading.Thread(target=time.sleep, args=(0.0,))
+    running.start()
+    starter = threading.Timer(0.1, late.start)
+    starter.start()
+    monkeypatch.setattr(threading, "enumerate", lambda: [running, late, never])
+    t0 = time.monotonic()
+    _join_new_threads(set(), timeout=10.0, start_wait=0.5)
+    took = time.monotonic() - t0
+    starter.join()
+    assert late.ident is not None and not running.is_alive() and not late.is_alive()  # both waited for
+    assert took < 3.0, took  # the one that never starts cost at most about start_wait
 
 
 def test_a_save_on_a_full_disk_is_one_line_and_leaves_no_temporary_folder(tmp_path, monkeypatch, capfd):
