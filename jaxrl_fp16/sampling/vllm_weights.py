@@ -119,6 +119,11 @@ class Rebuild:
         self.received += 1
         return self.received == self.expected
 
+    def drop(self) -> None:
+        """Forgets what was staged (after a rebuild, or a push that did not complete the module)."""
+        self.staged.clear()
+        self.received = 0
+
     def rebuild(self) -> None:
         """Runs the module's weight processing (`process_weights_after_loading`) on the staged tensors. The engine's
         parameter objects are kept and take what processing left in them (an emptied weight, the bias), as vLLM's
@@ -140,8 +145,7 @@ class Rebuild:
                 torch_bridge.copy_into(param.data, processed.data)
         finally:
             module._parameters.update(kernel)
-            self.staged.clear()
-            self.received = 0
+            self.drop()
 
     def rebuild_matches(self) -> bool:
         """`rebuild`, checked: the new GEMM must give the bits of the current one (loaded by vLLM from the same
@@ -222,8 +226,7 @@ class DirectPlan:
         CPU GEMMs of the written embeddings / LM heads."""
         pending = {id(r): r for r, _, _ in self.rebuilds.values() if r.received}
         for rebuild in pending.values():
-            rebuild.staged.clear()
-            rebuild.received = 0
+            rebuild.drop()
         if pending:
             raise RuntimeError(f"the weight push ended before {len(pending)} rebuilt linears had all their tensors "
                                f"(their GEMMs keep the previous weights)")
@@ -244,8 +247,7 @@ class DirectPlan:
                 if rebuild.put(pname, slot, tensor) and not rebuild.rebuild_matches():
                     bad.extend(n for n, (r, _, _) in self.rebuilds.items() if r is rebuild)
         for rebuild, _, _ in self.rebuilds.values():  # a module the tensors did not complete
-            rebuild.staged.clear()
-            rebuild.received = 0
+            rebuild.drop()
         if bad:
             moved = _close_over_modules(set(bad), self.modules_of)
             self.writes = {n: w for n, w in self.writes.items() if n not in moved}
@@ -347,20 +349,25 @@ def plan_direct_writes(model: Any, hf_shapes: Mapping[str, tuple[int, ...]], dty
                 reasons.append(f"{path}: its weights are processed by {method}")
             elif _keeps_packed_copy(module) and method == UNQUANTIZED_EMBEDDING:
                 repack[path] = module
-    for path in {planned[n][3] for n in planned if _rebuilt(planned[n][0])}:
-        if not any(planned[n][3] == path and n.endswith(".weight") for n in planned if n not in reload):
-            reload.update(n for n in planned if planned[n][3] == path)
+    rebuilt: dict[str, list[str]] = {}  # module path -> the HF names of a rebuilt linear
+    for name, (module, _, _, path, _) in planned.items():
+        if _rebuilt(module):
+            rebuilt.setdefault(path, []).append(name)
+    for path, names in rebuilt.items():
+        if not any(n.endswith(".weight") for n in names if n not in reload):
+            reload.update(names)
             reasons.append(f"{path}: its packed GEMM is rebuilt from its weight, which no HF tensor fills directly")
     reload = set(_close_over_modules(reload, modules_of))
     direct = {n: p for n, p in planned.items() if n not in reload}
     writes = {name: [(slot_view(tensor, slot), slot)] for name, (module, tensor, slot, _, _) in direct.items()
               if not _rebuilt(module)}
     rebuilds: dict[str, tuple[Rebuild, str, Slot]] = {}
-    for path in sorted({p for n, (m, _, _, p, _) in direct.items() if n not in writes}):
-        names = [n for n in direct if n not in writes and direct[n][3] == path]
-        rebuild = Rebuild(module=modules[path], shapes={n.rpartition(".")[2]: direct[n][4] for n in names},
-                          expected=len(names))
-        rebuilds.update((n, (rebuild, n.rpartition(".")[2], direct[n][2])) for n in names)
+    for path, names in rebuilt.items():
+        names = [n for n in names if n in direct]
+        if names:
+            rebuild = Rebuild(module=modules[path], shapes={n.rpartition(".")[2]: direct[n][4] for n in names},
+                              expected=len(names))
+            rebuilds.update((n, (rebuild, n.rpartition(".")[2], direct[n][2])) for n in names)
     written = {id(planned[n][1]) for n in writes}
     repack = {p: m for p, m in repack.items() if any(id(t) in written for t in m._parameters.values())}
     owners = tuple((modules[p], pname, planned[n][1], planned[n][1].data_ptr())
