@@ -239,3 +239,33 @@ def test_tokens_only_gives_the_same_tokens_and_zero_logprobs(tiny):
     np.testing.assert_array_equal(tokens_only.response_mask, full.response_mask)
     assert full.has_logprobs and np.any(full.logprobs != 0)
     assert not tokens_only.has_logprobs and not np.any(tokens_only.logprobs)
+
+
+def test_bf16_weights_held_in_fp32_on_cpus_sample_what_bf16_weights_sample(tiny):
+    """On CPUs the BF16 sampler holds its weights as FP32 arrays of BF16 values (`JaxSampler.f32_weights`: no
+    conversion of every weight at every decode step); the rollout is that of BF16-held weights: the same tokens and
+    log-probs, sampled and greedy. The matmuls give the same bits where XLA:CPU upcasts a BF16 matmul itself (as on
+    the CPUs measured; `test_decoder` checks the model alone), but the FP32 log-softmax after the last one may be
+    compiled otherwise (measured: 2 of 1888 log-probs 4 FP32 ulps apart), so log-probs are compared to FP32
+    rounding."""
+    import jax
+
+    _, cfg, params = tiny
+    auto = JaxSampler(cfg, params, dtype="bfloat16")
+    assert auto.f32_weights == (jax.default_backend() == "cpu")
+    assert not JaxSampler(cfg, params, dtype="float16").f32_weights  # FP16: see the docstring
+    held = JaxSampler(cfg, params, dtype="bfloat16", f32_weights=True)
+    plain = JaxSampler(cfg, params, dtype="bfloat16", f32_weights=False)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(held._params)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree_util.tree_leaves(plain._params)} == {jnp.dtype(jnp.bfloat16)}
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b)),
+                           plain._params, held._params)
+    prompts = prompts_for(cfg, n=16, seed=5)
+    for temperature in (1.0, 0.0):
+        settings = SamplingSettings(max_new_tokens=LONG_TOKENS, samples_per_prompt=2, seed=2,
+                                    temperature=temperature, ignore_eos=True)
+        a, b = plain.generate(prompts, settings), held.generate(prompts, settings)
+        np.testing.assert_array_equal(b.tokens, a.tokens)
+        np.testing.assert_allclose(b.logprobs, a.logprobs, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="half-precision compute dtype"):
+        JaxSampler(cfg, params, dtype="float32", f32_weights=True)

@@ -21,6 +21,7 @@ FP16/BF16 forward and weight gradients bit for bit. Without emulation the compil
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -31,7 +32,7 @@ import numpy as np
 from jaxrl_fp16.models import attention as attn
 from jaxrl_fp16.models.config import ModelConfig, Numerics
 from jaxrl_fp16.models.layers import (MLP, Arith, Dense, RMSNorm, apply_rope, arith, emulated_format, fan_out,
-                                      kernel_init, rope_cos_sin)
+                                      kernel_init, rope_cos_sin, upcast_dot, upcasts)
 
 __all__ = ["CausalLM", "KVCache", "init_cache", "causal_inputs", "valid_inputs", "token_logprobs"]
 
@@ -73,6 +74,7 @@ class Attention(nn.Module):
     numerics: Numerics
     attention: str = "dense"
     attention_block: int = 512
+    f32_weights: bool = False  # see CausalLM
 
     @nn.compact
     def __call__(self, x_BxTxH, cos_sin, mask, layer_cache):
@@ -80,10 +82,11 @@ class Attention(nn.Module):
         fmt = num.float_format
         B, T, _ = x_BxTxH.shape
         D, Nq, Nkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        dense = functools.partial(Dense, dtype=self.dtype, fmt=fmt, f32_weights=self.f32_weights)
         xq, xk, xv = (x_BxTxH,) * 3 if fmt is None else fan_out(x_BxTxH, 3, fmt)
-        q = Dense(Nq * D, cfg.qkv_bias, self.dtype, fmt=fmt, name="q_proj")(xq).reshape(B, T, Nq, D)
-        k = Dense(Nkv * D, cfg.qkv_bias, self.dtype, fmt=fmt, name="k_proj")(xk).reshape(B, T, Nkv, D)
-        v = Dense(Nkv * D, cfg.qkv_bias, self.dtype, fmt=fmt, name="v_proj")(xv).reshape(B, T, Nkv, D)
+        q = dense(Nq * D, cfg.qkv_bias, name="q_proj")(xq).reshape(B, T, Nq, D)
+        k = dense(Nkv * D, cfg.qkv_bias, name="k_proj")(xk).reshape(B, T, Nkv, D)
+        v = dense(Nkv * D, cfg.qkv_bias, name="v_proj")(xv).reshape(B, T, Nkv, D)
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, fmt=fmt, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, fmt=fmt, name="k_norm")(k)
@@ -111,7 +114,7 @@ class Attention(nn.Module):
             impl = "cudnn" if self.attention == "cudnn" else "xla"
             out = attn.fused_attention(qg, k, v, mask, implementation=impl)
         out = ar.cast(out.reshape(B, T, Nq * D))
-        y = Dense(cfg.hidden_size, cfg.o_bias, self.dtype, fmt=fmt, name="o_proj")(out)
+        y = dense(cfg.hidden_size, cfg.o_bias, name="o_proj")(out)
         return y, new_cache
 
 
@@ -124,6 +127,7 @@ class DecoderLayer(nn.Module):
     collect_hidden: bool = False
     attention: str = "dense"  # a resolved implementation (`attention.ATTENTION_IMPLS`)
     attention_block: int = 512
+    f32_weights: bool = False  # see CausalLM
 
     @nn.compact
     def __call__(self, h, cos_sin, mask_BxTxS, index, layer_kv):
@@ -133,11 +137,12 @@ class DecoderLayer(nn.Module):
         norm = dict(fmt=fmt, input_f32=num.residual_f32)
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, **norm, name="input_norm")(h)
         layer_cache = None if layer_kv is None else (layer_kv[0], layer_kv[1], index)
-        a, new_kv = Attention(cfg, self.dtype, num, self.attention, self.attention_block, name="attn")(
-            x, cos_sin, mask_BxTxS, layer_cache)
+        a, new_kv = Attention(cfg, self.dtype, num, self.attention, self.attention_block, self.f32_weights,
+                              name="attn")(x, cos_sin, mask_BxTxS, layer_cache)
         h = res.out(h + res.cast(arith(self.dtype, fmt).use(a)))
         x = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, **norm, name="post_attn_norm")(h)
-        h = res.out(h + res.cast(arith(self.dtype, fmt).use(MLP(cfg, self.dtype, fmt, name="mlp")(x))))
+        mlp = MLP(cfg, self.dtype, fmt, self.f32_weights, name="mlp")
+        h = res.out(h + res.cast(arith(self.dtype, fmt).use(mlp(x))))
         return h, (new_kv, h if self.collect_hidden else None)
 
 
@@ -158,6 +163,13 @@ class CausalLM(nn.Module):
       attention_block: tokens per query/key block of blockwise attention.
       remat: rematerialisation of each layer in the backward ("auto", "none", "full", "dots"; resolved by
         `attention.resolve_remat`); the KV-cache path is never rematerialised.
+      f32_weights: the weights are FP32 arrays holding values of the half-precision `dtype` (each rounded to it
+        once, e.g. `x.astype(dtype).astype(float32)`); every matmul with a weight then multiplies in FP32 the
+        upcast input and rounds the product to `dtype` (`layers.upcast_dot`), and the embedding lookup reads the
+        FP32 table. That is the arithmetic XLA:CPU compiles a half-precision matmul to (both operands converted
+        to FP32, accumulation in FP32, the result rounded), without converting every weight on every call: the
+        JAX sampler's decode on CPUs. Off for FP32 and emulated formats (already FP32), and where weights are
+        trainer master weights (they would not be rounded).
     """
 
     cfg: ModelConfig
@@ -167,6 +179,7 @@ class CausalLM(nn.Module):
     attention: str = "auto"
     attention_block: int = 512
     remat: str = "auto"
+    f32_weights: bool = False
 
     def __post_init__(self):
         emulated_format(self.dtype, self.numerics)  # an emulated format needs dtype float32: fail when built
@@ -204,8 +217,11 @@ class CausalLM(nn.Module):
                          embedding_init=kernel_init(), name="embed")
         res_dtype = jnp.float32 if num.residual_f32 else self.dtype
         h = embed(tokens_BxT)
+        f32_table = upcasts(ar, self.f32_weights)
         if fmt is not None:  # look up in the rounded table (its cotangent is then rounded too, as a cast's)
             h = jnp.take(ar.cast(embed.variables["params"]["embedding"]), tokens_BxT, axis=0)
+        elif f32_table:  # the FP32 table holds `dtype` values: look up, then cast the rows (exact)
+            h = jnp.take(embed.variables["params"]["embedding"], tokens_BxT, axis=0).astype(self.dtype)
         h = h.astype(res_dtype)
         cos_sin = rope_cos_sin(cfg, positions_BxT)
         kv = None if cache is None else (cache.k_LxBxSxKxD, cache.v_LxBxSxKxD)
@@ -227,7 +243,7 @@ class CausalLM(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=cfg.num_layers,
             unroll=self.unroll,
-        )(cfg, self.dtype, num, collect_hidden, kind, self.attention_block, name="layers")
+        )(cfg, self.dtype, num, collect_hidden, kind, self.attention_block, self.f32_weights, name="layers")
         h, (new_kv, per_layer) = layers(h, cos_sin, mask, jnp.asarray(index, jnp.int32), kv)
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, num.norm_f32, fmt=fmt, name="final_norm")(ar.cast(h))
         new_cache = None if cache is None else KVCache(new_kv[0], new_kv[1], cache.kv_mask_BxS)
@@ -240,8 +256,11 @@ class CausalLM(nn.Module):
             if num.lm_head_f32:
                 table = embed.variables["params"]["embedding"].astype(jnp.float32)
                 head = lambda x: jnp.dot(x.astype(jnp.float32), table.T)  # noqa: E731
+            elif f32_table:
+                table = embed.variables["params"]["embedding"]
+                head = lambda x: upcast_dot(x, table.T, self.dtype)  # noqa: E731
         else:
-            head = Dense(cfg.vocab_size, False, self.dtype, num.lm_head_f32, fmt, name="lm_head")
+            head = Dense(cfg.vocab_size, False, self.dtype, num.lm_head_f32, fmt, self.f32_weights, name="lm_head")
         if not return_logits:
             if self.is_initializing():
                 head(h)  # create the head's parameters

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from jaxrl_fp16.emulation import FloatFormat, round_to_format
 from jaxrl_fp16.models.config import ModelConfig, Numerics
 
-__all__ = ["Arith", "arith", "emulated_format", "kernel_init", "Dense", "RMSNorm", "MLP", "rope_cos_sin", "apply_rope",
-           "emulated_sigmoid", "fan_out"]
+__all__ = ["Arith", "arith", "upcasts", "upcast_dot", "emulated_format", "kernel_init", "Dense", "RMSNorm", "MLP",
+           "rope_cos_sin", "apply_rope", "emulated_sigmoid", "fan_out"]
 
 Array = jax.Array
 
@@ -78,6 +78,20 @@ def arith(dtype: Any, fmt: FloatFormat | None, f32: bool = False) -> Arith:
     return Arith(out_dtype, None if f32 else fmt, jax.lax.Precision.HIGHEST if full else None)
 
 
+def upcasts(ar: Arith, f32_weights: bool) -> bool:
+    """Whether a product computed as `ar` says takes FP32 weights holding compute-dtype values
+    (`CausalLM.f32_weights`): only a real half-precision product (an FP32 or emulated one is FP32 already)."""
+    return f32_weights and ar.fmt is None and jnp.dtype(ar.dtype) != jnp.float32
+
+
+def upcast_dot(x: Array, w: Array, dtype: Any) -> Array:
+    """x @ w with x in the half-precision `dtype` and w an FP32 array of `dtype` values: the product of the
+    upcast operands in FP32, rounded to `dtype`. Every product of two such values is exact in FP32, so this is
+    the half-precision matmul with FP32 accumulation, as XLA:CPU compiles `jnp.dot` of two `dtype` arrays (it
+    converts both operands to FP32, weights included, on every call)."""
+    return jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST).astype(dtype)
+
+
 def emulated_format(dtype: Any, numerics: Numerics) -> FloatFormat | None:
     """`numerics.float_format`, checking that the compute dtype is float32 when a format is emulated."""
     fmt = numerics.float_format
@@ -92,13 +106,17 @@ class Dense(nn.Module):
 
     The leading axes of x are merged before the product ([B, T, in] -> [B*T, in]): the kernel's gradient is then
     one [in, N] x [N, out] product, where a dot over (B, T) made XLA:CPU first copy the incoming gradient into a
-    transposed layout (a quarter of the small model's backward op time; README "Benchmarks")."""
+    transposed layout (a quarter of the small model's backward op time; README "Benchmarks").
+
+    `f32_weights` (`CausalLM.f32_weights`): the kernel holds compute-dtype values in an FP32 array, and the
+    product is taken in FP32 on the upcast input and rounded to the compute dtype."""
 
     features: int
     use_bias: bool
     dtype: Any
     compute_f32: bool = False
     fmt: FloatFormat | None = None  # emulated format
+    f32_weights: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -106,7 +124,10 @@ class Dense(nn.Module):
         ar = arith(self.dtype, self.fmt, self.compute_f32)
         x = arith(self.dtype, self.fmt).use(x)  # the input is in the compute dtype (format)
         lead = x.shape[:-1]
-        y = jnp.dot(ar.cast(x.reshape(-1, x.shape[-1])), ar.cast(kernel), precision=ar.precision)
+        if upcasts(ar, self.f32_weights):
+            y = upcast_dot(x.reshape(-1, x.shape[-1]), kernel, ar.dtype)
+        else:
+            y = jnp.dot(ar.cast(x.reshape(-1, x.shape[-1])), ar.cast(kernel), precision=ar.precision)
         y = ar.out(y.reshape(*lead, self.features))
         if self.use_bias:
             y = ar.out(y + ar.cast(self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)))
@@ -204,15 +225,18 @@ class MLP(nn.Module):
     cfg: ModelConfig
     dtype: Any
     fmt: FloatFormat | None = None  # emulated format
+    f32_weights: bool = False  # see Dense
 
     @nn.compact
     def __call__(self, x):
         cfg, fmt = self.cfg, self.fmt
-        gate = Dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, fmt=fmt, name="gate_proj")(x)
-        up = Dense(cfg.intermediate_size, cfg.mlp_bias, self.dtype, fmt=fmt, name="up_proj")(x)
+        dense = functools.partial(Dense, use_bias=cfg.mlp_bias, dtype=self.dtype, fmt=fmt,
+                                  f32_weights=self.f32_weights)
+        gate = dense(cfg.intermediate_size, name="gate_proj")(x)
+        up = dense(cfg.intermediate_size, name="up_proj")(x)
         if fmt is None:
             act = nn.silu(gate) * up
         else:  # silu = gate * sigmoid(gate), each op rounded
             ar = arith(self.dtype, fmt)
             act = ar.out(ar.out(ar.use(gate) * emulated_sigmoid(ar.use(gate), fmt)) * up)
-        return Dense(cfg.hidden_size, cfg.mlp_bias, self.dtype, fmt=fmt, name="down_proj")(act)
+        return dense(cfg.hidden_size, name="down_proj")(act)

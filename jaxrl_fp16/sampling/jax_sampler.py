@@ -117,32 +117,50 @@ class JaxSampler(BaseSampler):
       numerics: which sensitive ops run in FP32 (must match the trainer's for a like-for-like comparison).
       max_batch_size: rows generated per engine call; larger requests are split.
       prompt_bucket: prompt widths are rounded up to a multiple of this.
+      f32_weights: keep the weights as FP32 arrays of compute-dtype values (`CausalLM.f32_weights`: the
+        arithmetic XLA:CPU compiles a bfloat16 matmul to, without converting the weights at every decode step,
+        at twice the weights' memory). None (default): on when JAX runs on the CPU and the compute dtype is
+        bfloat16. Not for float16 by default: XLA:CPU does not always compute an FP16 matmul of the decode program
+        as the upcast product (on an Intel Xeon with AVX-512 FP16 the log-probs moved by up to 2e-3), and a GPU
+        multiplies half-precision operands natively.
     """
 
     def __init__(self, cfg: ModelConfig, params: Any = None, *, dtype: Any = "float32",
-                 numerics: Numerics = Numerics(), max_batch_size: int = 256, prompt_bucket: int = 16):
+                 numerics: Numerics = Numerics(), max_batch_size: int = 256, prompt_bucket: int = 16,
+                 f32_weights: bool | None = None):
         self.cfg = cfg
         self.compute_dtype = as_dtype(dtype)
-        self.model = CausalLM(cfg, dtype=self.compute_dtype, numerics=numerics)
+        half = self.compute_dtype != np.dtype(np.float32)
+        if f32_weights is None:
+            f32_weights = self.compute_dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
+        self.f32_weights = bool(f32_weights)
+        if self.f32_weights and not half:
+            raise ValueError(f"JaxSampler(f32_weights=True) is for a half-precision compute dtype, got "
+                             f"{self.compute_dtype.name}")
+        self.model = CausalLM(cfg, dtype=self.compute_dtype, numerics=numerics, f32_weights=self.f32_weights)
         self.max_batch_size = max_batch_size
         self.prompt_bucket = prompt_bucket
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         self._params = None
         if params is not None:
             self.push_weights(params)
-        log.info("JAX sampler: compute dtype %s", self.compute_dtype)
+        log.info("JAX sampler: compute dtype %s%s", self.compute_dtype,
+                 " (weights held in FP32)" if self.f32_weights else "")
 
     def _push(self, params: Any) -> None:
-        """Takes the trainer's params, cast once to the compute dtype (FP32 params stay FP32 in `fp32`), into
+        """Takes the trainer's params, cast once to the compute dtype (FP32 params stay FP32 in `fp32`; with
+        `f32_weights` the rounded values are held in FP32), into
         buffers of its own: the trainer's step donates (deletes) the arrays it was given. Arrays spread over
         several processes are gathered to the host one tensor at a time (a collective: every process pushes) and
         put on this process's first device: one engine per process."""
+        stored = np.dtype(np.float32) if self.f32_weights else self.compute_dtype  # the values: compute dtype
         if multiprocess.input_sharding(params) is not None:
             device = jax.local_devices()[0]
             self._params = multiprocess.host_tree(
-                params, then=lambda x: jax.device_put(np.asarray(x, self.compute_dtype), device))
+                params, then=lambda x: jax.device_put(np.asarray(x, self.compute_dtype).astype(stored), device))
             return
-        self._params = jax.tree_util.tree_map(lambda x: jnp.array(x, self.compute_dtype, copy=True), params)
+        self._params = jax.tree_util.tree_map(
+            lambda x: jnp.array(x, self.compute_dtype, copy=True).astype(stored), params)
 
     def _sample(self, prompts: Sequence[Sequence[int]], settings: SamplingSettings) -> Rollout:
         if self._params is None:
