@@ -4,7 +4,8 @@ with `--readme`, the table between the README's bench markers.
 
 Each unit (one decode dtype and size, one training-step size, one push size, the overheads) runs in a fresh
 Python process, so that no engine, thread pool or compiled program of one row disturbs the next; the systems
-of a unit run round-robin inside it. `--unit NAME` runs one unit in this process (what the parent starts).
+of a unit run round-robin inside it (the decode systems each in a process of their own, `SystemProcess`). `--unit
+NAME` runs one unit in this process (what the parent starts).
 
 The GPU benchmark is separate (`python -m benchmarks.gpu`, see its docstring).
 """

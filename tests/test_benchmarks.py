@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 
 import numpy as np
 import pytest
@@ -166,3 +167,36 @@ def test_gpu_script_runs_in_smoke_mode(tmp_path):
         assert entry["decode"][dtype]["tokens_per_s"] > 0
     written = json.loads(next(tmp_path.glob("gpu_*.json")).read_text())
     assert written["device_kind"] == out["device_kind"]
+
+
+def test_a_system_process_runs_there_times_there_and_reports_failures():
+    """`SystemProcess` (the decode systems' processes): the callable is built and called in the spawned process,
+    which reports its return value and the seconds it measured; a failure to build, a failing call and a process
+    that dies are errors naming the system (here with stand-in callables: functools.partial builds one)."""
+    import functools
+    import operator
+
+    from benchmarks.common import SystemProcess, interleaved_median_reported
+
+    adds, pid = SystemProcess("sum", functools.partial, sum, [1, 2, 3]), SystemProcess("pid", functools.partial,
+                                                                                        os.getpid)
+    try:
+        assert adds.wait().result()[0] == 6
+        assert pid.result()[0] not in (os.getpid(), None)  # another process
+        seconds = interleaved_median_reported({"sum": adds.run, "pid": pid.run}, 3)
+        assert set(seconds) == {"sum", "pid"} and all(0 <= s < 1 for s in seconds.values())
+    finally:
+        adds.close()
+        pid.close()
+    broken = SystemProcess("divide", operator.truediv, 1, 0)
+    with pytest.raises(RuntimeError, match="'divide' failed in its process:(.|\n)*ZeroDivisionError"):
+        broken.wait()
+    broken.close()
+    failing = SystemProcess("parse", functools.partial, int, "x")
+    with pytest.raises(RuntimeError, match="'parse' failed in its process:(.|\n)*ValueError"):
+        failing.result()
+    failing.close()
+    dies = SystemProcess("exit", os._exit, 3)
+    with pytest.raises(RuntimeError, match=r"'exit': its process ended \(exit code 3\)"):
+        dies.wait()
+    dies.close()
