@@ -186,8 +186,8 @@ def test_f32_held_weights_compute_the_half_precision_matmuls(arch, dtype):
     tok = jnp.asarray(np.random.RandomState(3).randint(0, cfg.vocab_size, (3, 12)))
     tf_half, tf_up = (np.asarray(jax.jit(lambda p, t, m=m: token_logprobs(m, p, t))(p, tok))
                       for m, p in ((plain, half), (upcast, held)))
-    # Bitwise for BF16 only (what the JAX sampler holds in FP32 on CPUs): XLA:CPU's code for FP16 matmuls depends
-    # on their shapes (the 50M benchmark model's FP16 decode differs by up to 2e-3 on an AVX-512 FP16 Xeon).
+    # Bitwise for BF16 only (what the JAX sampler holds in FP32 on CPUs): in FP16 the 50M benchmark model's decode
+    # log-probs moved by up to 2e-3 on an AVX-512 FP16 Xeon (cause not found).
     if dtype == "bfloat16" and _xla_upcasts_half_dots(dtype):
         np.testing.assert_array_equal(np.asarray(toks_up), np.asarray(toks))
         np.testing.assert_array_equal(np.asarray(lp_up), np.asarray(lp_half))

@@ -120,8 +120,8 @@ class JaxSampler(BaseSampler):
       f32_weights: keep the weights as FP32 arrays of compute-dtype values (`CausalLM.f32_weights`: the
         arithmetic XLA:CPU compiles a bfloat16 matmul to, without converting the weights at every decode step,
         at twice the weights' memory). None (default): on when JAX runs on the CPU and the compute dtype is
-        bfloat16. Not for float16 by default: XLA:CPU does not always compute an FP16 matmul of the decode program
-        as the upcast product (on an Intel Xeon with AVX-512 FP16 the log-probs moved by up to 2e-3), and a GPU
+        bfloat16. Not for float16 by default: there it moved the decode log-probs of a 50M model by up to 2e-3
+        on an Intel Xeon with AVX-512 FP16 (cause not found: the full forward's logits were equal), and a GPU
         multiplies half-precision operands natively.
     """
 
