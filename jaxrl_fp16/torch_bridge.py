@@ -72,10 +72,12 @@ def as_parameter(tensor: Any) -> Any:
 
 
 def copy_into(dst: Any, src: Any) -> None:
-    """`dst[...] = src` for torch tensors of one dtype and shape. Between CPU tensors the copy goes through numpy
-    on this thread: torch's parallel copy starts its thread pool for each call, which costs milliseconds per tensor
-    when the pool's threads wait for a busy core (measured inside a vLLM CPU engine's process: 3 ms per tensor)."""
-    if dst.device.type == "cpu" and src.device.type == "cpu":
+    """`dst[...] = src` for torch tensors of one shape; a `src` of another dtype is cast to `dst`'s as it is copied
+    (torch's conversion: round to nearest even, numpy's and XLA's bits). Between CPU tensors of one dtype the copy
+    goes through numpy on this thread: torch's parallel copy starts its thread pool for each call, which costs
+    milliseconds per tensor when the pool's threads wait for a busy core (measured inside a vLLM CPU engine's
+    process: 3 ms per tensor). A cast goes through torch (numpy's FP32 -> FP16 cast is ten times slower)."""
+    if dst.device.type == "cpu" and src.device.type == "cpu" and dst.dtype == src.dtype:
         np.copyto(_numpy_bits(dst), _numpy_bits(src))
     else:
         dst.copy_(src)

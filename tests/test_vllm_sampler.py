@@ -135,7 +135,9 @@ def test_xla_dlpack_and_numpy_weights_are_bit_identical(trainer, dtype):
     cfg, params = trainer
     params = jax.tree_util.tree_map(np.array, params)
     gate = params["layers"]["mlp"]["gate_proj"]["kernel"]
-    gate[0, 0, :6] = [7e4, -1e5, 3e-6, -4e-8, 1e-39, 2.0 ** -20]  # f16 overflow, subnormals, f32 subnormal
+    # f16 overflow, subnormals, f32 subnormal, ties of f16 and bf16 (to even: down, up)
+    gate[0, 0, :10] = [7e4, -1e5, 3e-6, -4e-8, 1e-39, 2.0 ** -20, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11,
+                       1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8]
     on_device = jax.tree_util.tree_map(jnp.asarray, params)
     reference = [(n, torch_bridge.numpy_to_torch(a)) for n, a in stream_hf_weights(params, cfg, dtype)]
     linears = frozenset(n for n, row, _ in hf_entries(cfg) if row.transpose and row.per_layer)
@@ -146,6 +148,16 @@ def test_xla_dlpack_and_numpy_weights_are_bit_identical(trainer, dtype):
               "views from numpy": list(torch_weights(params, cfg, dtype, views=linears)),
               "numpy and jax leaves": list(torch_weights(
                   dict(on_device, layers=dict(on_device["layers"], attn=params["layers"]["attn"])), cfg, dtype))}
+    for route, tree in (("cast on write", on_device), ("cast on write from numpy", params)):
+        # views of the FP32 leaves (untransposed rows and `views`), cast by the consumer's copy; the rest by XLA
+        uncast = list(torch_weights(tree, cfg, dtype, views=linears, cast_on_write=True))
+        if dtype != "float32":  # (in FP32 nothing is cast: every tensor comes from XLA, a copy)
+            assert {n for n, t in uncast if t.dtype == torch.float32} == \
+                {n for n, row, _ in hf_entries(cfg) if not row.transpose} | linears
+        routes[route] = []
+        for name, t in uncast:
+            routes[route].append((name, torch.empty(t.shape, dtype=getattr(torch, dtype))))
+            torch_bridge.copy_into(routes[route][-1][1], t)
     for route in ("xla", "views"):  # HF (out, in) tensors, or (out, in) views of the (in, out) Flax layout
         strides = {name: t.stride() for name, t in routes[route] if name in linears}
         assert strides and all((s[0] == 1) == (route == "views") for s in strides.values()), (route, strides)
@@ -520,6 +532,13 @@ def _direct_equals_reload(sampler, trainer, prompts):
         np.testing.assert_array_equal(b.logprobs.view(np.int32), a.logprobs.view(np.int32))
     assert not np.array_equal(reloaded[0].tokens, sampler.generate(prompts, runs[0]).tokens)  # the push mattered
     return plan
+
+
+def test_bf16_direct_push_is_bit_identical_to_reload(engines, trainer, prompts):
+    """BF16: the direct push casts the FP32 params as it copies them (torch's rounding), reload_weights gets
+    XLA's casts: the same bits, so the same tokens and log-probs."""
+    plan = _direct_equals_reload(engines.get("bfloat16"), trainer, prompts)
+    assert not plan.reload, sorted(plan.reload)
 
 
 def test_fp16_direct_push_is_bit_identical_to_reload(engines, trainer, prompts):

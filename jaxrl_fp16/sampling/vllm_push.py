@@ -109,24 +109,52 @@ class _XlaRoute:
 
     JAX arrays are read where they are (a stacked array is indexed inside the call). Host numpy arrays are passed
     as numpy views of the layer's slice, which XLA on the host CPU device reads in place. Results are handed to
-    torch by DLPack where they live (`on_device`, or the host CPU device), else copied to the host."""
+    torch by DLPack where they live (`on_device`, or the host CPU device), else copied to the host.
+
+    With `cast_on_write` (host params only), a tensor whose HF layout is a view of its Flax leaf (an untransposed
+    row, or one of `views`) is handed over as that view, in the params' dtype, with no XLA call: the consumer casts
+    it as it copies it (`torch_bridge.copy_into`). Only the other tensors go through XLA."""
 
     def __init__(self, params: Mapping, cfg: ModelConfig, dtype: np.dtype, on_device: bool,
-                 views: frozenset[str] = frozenset()):
-        self.dtype, self.on_device, self.views = dtype, on_device, views
+                 views: frozenset[str] = frozenset(), cast_on_write: bool = False):
+        self.dtype, self.on_device, self.views, self.cast_on_write = dtype, on_device, views, cast_on_write
         self.arrays = {tuple(getattr(k, "key", k) for k in path): x
                        for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
         self.refs = jax.tree_util.tree_map_with_path(
             lambda path, x: _Ref(tuple(getattr(k, "key", k) for k in path), x.shape), params)
         self.rows = [row for row in enabled_rows(cfg) if row.per_layer]
+        self._rows = {row.path: row for row in self.rows}
         self.cfg = cfg
         self._layer: int | None = None
         self._tensors: dict[tuple[str, ...], Any] = {}
+        self._sources: dict[tuple[str, ...], Any] = {}  # cast_on_write: each leaf as a torch tensor, no copy
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         return iter_hf_tensors(self.refs, self.cfg, self._tensor)
 
+    def _is_view(self, row: Row, layer: int) -> bool:
+        """Whether layer `layer`'s tensor of `row` is handed over as a (transposed) view of the cast Flax slice."""
+        return row.transpose and row.hf.format(i=layer) in self.views
+
+    def _uncast(self, path: tuple[str, ...], layer: int | None, transposed: bool) -> bool:
+        """Whether a tensor is handed over as a view of its leaf, uncast (`cast_on_write`; only where a cast is
+        due, so that the consumer's copy is never skipped)."""
+        return self.cast_on_write and self.arrays[path].dtype != self.dtype and (not transposed or (
+            layer is not None and self._is_view(self._rows[path], layer)))
+
+    def _source(self, ref: _Ref) -> Any:
+        """`ref` as a torch view of its leaf's memory (the leaf in its own dtype)."""
+        if ref.path not in self._sources:
+            x = self.arrays[ref.path]
+            self._sources[ref.path] = torch_bridge.numpy_to_torch(x) if isinstance(x, np.ndarray) else \
+                torch_bridge.jax_to_torch(x)
+        t = self._sources[ref.path]
+        t = t if ref.layer is None else t[ref.layer]
+        return t.t() if ref.transposed else t
+
     def _tensor(self, ref: _Ref) -> Any:
+        if self._uncast(ref.path, ref.layer, ref.transposed):
+            return self._source(ref)
         if ref.layer is None:
             array = self.arrays[ref.path]
             if isinstance(array, np.ndarray):
@@ -144,12 +172,14 @@ class _XlaRoute:
         host CPU device, given their slices)."""
         groups: dict[Any, list[Row]] = {}
         for row in self.rows:
+            if self._uncast(row.path, layer, row.transpose):
+                continue  # handed over uncast (`_source`)
             x = self.arrays[row.path]
             groups.setdefault(None if isinstance(x, np.ndarray) else next(iter(x.devices())), []).append(row)
         tensors = {}
         for device, rows in groups.items():
             host = device is None
-            views = tuple(row.transpose and row.hf.format(i=layer) in self.views for row in rows)
+            views = tuple(self._is_view(row, layer) for row in rows)
             args = tuple(self.arrays[row.path][layer] if host else self.arrays[row.path] for row in rows)
             with jax.default_device(jax.local_devices(backend="cpu")[0] if host else device):
                 out = _layer_hf_layout(args, np.int32(layer), dtype=self.dtype, stacked=not host,
@@ -170,8 +200,15 @@ def _on_single_devices(params: Mapping) -> bool:
                for x in jax.tree_util.tree_leaves(params))
 
 
+def _on_host(params: Mapping) -> bool:
+    """Every leaf is a numpy array or a JAX array on one CPU device."""
+    return all(isinstance(x, np.ndarray) or (isinstance(x, jax.Array) and len(x.devices()) == 1 and
+                                             all(d.platform == "cpu" for d in x.devices()))
+               for x in jax.tree_util.tree_leaves(params))
+
+
 def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: bool = False,
-                  views: frozenset[str] = frozenset()) -> Iterator[tuple[str, Any]]:
+                  views: frozenset[str] = frozenset(), cast_on_write: bool = False) -> Iterator[tuple[str, Any]]:
     """The trainer's params as (HF name, torch tensor in `dtype`, HF (out, in) layout), one tensor at a time.
 
     Args:
@@ -187,6 +224,12 @@ def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: 
       views: HF names of transposed layer tensors to hand over untransposed on the XLA routes: as (out, in) views
         (`.t()`) of the cast Flax (in, out) array, for a consumer that repacks the weight anyway (a CPU GEMM that
         keeps its own packed copy reads the (in, out) matrix); same values, other strides.
+      cast_on_write: for a consumer that casts as it copies (`torch_bridge.copy_into`, torch's round to nearest
+        even: the same bits): the tensors whose HF layout is a view of their Flax leaf (untransposed rows, and
+        `views`) are handed over as torch views of the params' memory in the params' dtype, uncast; one pass over
+        the weights (the consumer's copy) instead of two (XLA's cast, then the copy). The others are cast and
+        transposed by XLA as above. Only for params on the host (numpy or CPU JAX arrays); ignored otherwise.
+        The views share the params' memory: the consumer copies them and keeps none.
 
     Returns:
       An iterator in checkpoint order (`iter_hf_tensors`). The tree and its shapes are checked here, before it is
@@ -194,7 +237,8 @@ def torch_weights(params: Mapping, cfg: ModelConfig, dtype: Any, *, via_dlpack: 
     """
     dt = hf_dtype(as_dtype(dtype))
     if via_dlpack or _on_single_devices(params):
-        return iter(_XlaRoute(params, cfg, dt, via_dlpack, frozenset(views)))
+        return iter(_XlaRoute(params, cfg, dt, via_dlpack, frozenset(views),
+                              cast_on_write=cast_on_write and not via_dlpack and _on_host(params)))
     return ((name, torch_bridge.numpy_to_torch(array)) for name, array in stream_hf_weights(params, cfg, dt))
 
 

@@ -275,7 +275,10 @@ class VLLMSampler(BaseSampler):
             # the rebuilt linears repack their weight: it is handed over untransposed (see torch_weights)
             views = frozenset(plan.rebuilds) if plan is not None else frozenset()
             if plan is not None and plan.verified:
-                weights = torch_weights(params, self.cfg, self.compute_dtype, via_dlpack=via_dlpack, views=views)
+                # the plan's writes cast as they copy: on the host, the weights are handed over uncast where that
+                # saves a pass (see torch_weights)
+                weights = torch_weights(params, self.cfg, self.compute_dtype, via_dlpack=via_dlpack, views=views,
+                                        cast_on_write=self._device_type == "cpu")
                 self.last_push_mode = push_direct(llm, plan, weights)
                 plan.finish()
                 head_reloaded = EMBEDDING in plan.reload

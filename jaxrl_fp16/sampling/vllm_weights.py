@@ -94,27 +94,30 @@ class Rebuild:
     module: the engine's module.
     shapes: its loaded parameters' shapes on this rank (what its weight loaders fill).
     expected: how many HF tensors fill them.
+    dtype: the dtype its loaders give them (the engine dtype); tensors of another dtype are cast as staged.
     """
 
     module: Any
     shapes: Mapping[str, tuple[int, ...]]
     expected: int
+    dtype: Any
     staged: dict[str, Any] = dataclasses.field(default_factory=dict)
     received: int = 0
 
     def put(self, pname: str, slot: Slot, tensor: Any) -> bool:
         """Lays HF tensor `tensor` out in parameter `pname` as its loader would (its slot); True once the module
-        has all its tensors. A tensor that is the whole parameter is used as it is (no copy); parts are copied
-        into a tensor of the parameter's shape with their memory order (an (out, in) view of an (in, out) array
-        fills the columns of an (in, out) array)."""
+        has all its tensors. A tensor that is the whole parameter, in the engine dtype, is used as it is (no copy);
+        parts, and tensors of another dtype, are copied (cast) into a tensor of the parameter's shape with their
+        memory order (an (out, in) view of an (in, out) array fills the columns of an (in, out) array)."""
         src = narrow(tensor, slot)
         shape = tuple(self.shapes[pname])
-        if slot.rows is None and tuple(src.shape) == shape:
+        if slot.rows is None and tuple(src.shape) == shape and src.dtype == self.dtype:
             self.staged[pname] = src
         else:
             if pname not in self.staged:
                 transposed = src.ndim == 2 and src.stride(0) == 1 and src.stride(1) != 1
-                self.staged[pname] = tensor.new_empty(shape[::-1]).t() if transposed else tensor.new_empty(shape)
+                self.staged[pname] = tensor.new_empty(shape[::-1], dtype=self.dtype).t() if transposed else \
+                    tensor.new_empty(shape, dtype=self.dtype)
             torch_bridge.copy_into(slot_view(self.staged[pname], slot), src)
         self.received += 1
         return self.received == self.expected
@@ -366,6 +369,7 @@ def plan_direct_writes(model: Any, hf_shapes: Mapping[str, tuple[int, ...]], dty
         names = [n for n in names if n in direct]
         if names:
             rebuild = Rebuild(module=modules[path], shapes={n.rpartition(".")[2]: direct[n][4] for n in names},
+                              dtype=modules[path].params_dtype,
                               expected=len(names))
             rebuilds.update((n, (rebuild, n.rpartition(".")[2], direct[n][2])) for n in names)
     written = {id(planned[n][1]) for n in writes}
