@@ -2,10 +2,10 @@
 of comparisons: name, ours, peer, unit, ratio (higher is better for us), target, met), `bench/results.md` and,
 with `--readme`, the table between the README's bench markers.
 
-Each unit (one decode dtype and size, one training-step size, one push size, the overheads) runs in a fresh
-Python process, so that no engine, thread pool or compiled program of one row disturbs the next; the systems
-of a unit run round-robin inside it (the decode systems each in a process of their own, `SystemProcess`). `--unit
-NAME` runs one unit in this process (what the parent starts).
+Each unit (one decode size, one training-step size, one push size, the overheads) runs in a fresh Python process,
+so that no engine, thread pool or compiled program of one unit disturbs the next; the systems of a unit run
+round-robin inside it (the decode systems each in a process of their own, `SystemProcess`, which builds one dtype's
+engine after the other). `--unit NAME` runs one unit in this process (what the parent starts).
 
 The GPU benchmark is separate (`python -m benchmarks.gpu`, see its docstring).
 """
@@ -52,7 +52,7 @@ def unit_names(groups: set[str]) -> list[str]:
     """The units of the selected groups, in table order."""
     names = []
     if "decode" in groups:
-        names += [f"decode:{size}:{dtype}" for size in DECODE_NEW_TOKENS for dtype in DTYPES]
+        names += [f"decode:{size}" for size in DECODE_NEW_TOKENS]
     if "train" in groups:
         names += [f"train:{size}" for size in TRAIN_SIZES]
     if "push" in groups:
@@ -68,8 +68,8 @@ def run_unit(name: str, root: str, repeats: int) -> list[Comparison]:
     if group == "decode":
         from benchmarks.decode import run_decode
 
-        size, dtype = key
-        return run_decode(models.build(root, size), size, (dtype,), batch=8, prompt_len=16,
+        (size,) = key
+        return run_decode(models.build(root, size), size, DTYPES, batch=8, prompt_len=16,
                           max_new_tokens=DECODE_NEW_TOKENS[size], repeats=repeats)
     if group == "train":
         from benchmarks.train_step import run_train_step
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds per comparison (round-robin)")
     ap.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated subset of: {', '.join(GROUPS)}")
     ap.add_argument("--readme", default=None, help="also write the table into this README between the markers")
-    ap.add_argument("--unit", default=None, help="run only this unit, in this process (e.g. decode:50M:float32)")
+    ap.add_argument("--unit", default=None, help="run only this unit, in this process (e.g. decode:50M)")
     ap.add_argument("--unit-json", default=None, help="with --unit: write its comparisons to this file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",

@@ -78,26 +78,35 @@ def interleaved_median_reported(fns: dict[str, Callable[[], float]], repeats: in
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _serve(conn: Any, factory: Callable[..., Callable[[], Any]], args: tuple) -> None:
-    """A `SystemProcess`'s loop: build the system, then run it once per request, timing it here."""
-    try:
-        fn = factory(*args)
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-        return
-    conn.send(("ready", None))
-    while (want := conn.recv()) is not None:
-        try:
-            start = time.perf_counter()
-            out = fn()
-            seconds = time.perf_counter() - start
-        except BaseException:
-            conn.send(("error", traceback.format_exc()))
-            return
-        conn.send(("ok", (out if want == "result" else None, seconds)))
+def _close(fn: Any) -> None:
     close = getattr(fn, "close", None)
     if close is not None:
         close()
+
+
+def _serve(conn: Any, factory: Callable[..., Callable[[], Any]], args: tuple) -> None:
+    """A `SystemProcess`'s loop: build the system, then run it once per request, timing it here; a ("build",
+    factory, args) request closes it and builds another; None closes it and ends the process."""
+    while True:
+        try:
+            fn = factory(*args)
+        except BaseException:
+            conn.send(("error", traceback.format_exc()))
+            return
+        conn.send(("ready", None))
+        while isinstance(want := conn.recv(), str):
+            try:
+                start = time.perf_counter()
+                out = fn()
+                seconds = time.perf_counter() - start
+            except BaseException:
+                conn.send(("error", traceback.format_exc()))
+                return
+            conn.send(("ok", (out if want == "result" else None, seconds)))
+        _close(fn)
+        if want is None:
+            return
+        _, factory, args = want
 
 
 class SystemProcess:
@@ -107,7 +116,9 @@ class SystemProcess:
     transformers). `factory(*args)` runs there and returns the callable to time (its `close()`, if any, runs when
     the process is closed); `run()` calls it once there and returns its wall seconds measured there, `result()`
     also its return value (pickled back). Only the process asked to run computes: the others wait on their pipes.
-    Start several, then `wait()` for each: they build concurrently."""
+    Start several, then `wait()` for each: they build concurrently. `rebuild` closes the system and builds another
+    in the same process (the next dtype of a decode system: one engine at a time, without paying the process's
+    start and imports again)."""
 
     def __init__(self, name: str, factory: Callable[..., Callable[[], Any]], *args: Any):
         ctx = multiprocessing.get_context("spawn")
@@ -128,6 +139,12 @@ class SystemProcess:
         if kind == "error":
             raise RuntimeError(f"benchmark system {self.name!r} failed in its process:\n{payload}")
         return payload
+
+    def rebuild(self, name: str, factory: Callable[..., Callable[[], Any]], *args: Any) -> "SystemProcess":
+        """Closes the system there and builds `factory(*args)` in its place (not waited for: `wait()`)."""
+        self.wait()._conn.send(("build", factory, args))
+        self.name, self._ready = name, False
+        return self
 
     def wait(self) -> "SystemProcess":
         """Waits until the system is built (raises what building it raised)."""

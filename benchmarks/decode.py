@@ -4,7 +4,8 @@ Same model folder, batch, prompts and lengths for the three; greedy decoding wit
 generates exactly `batch x max_new_tokens` tokens. Before timing, the responses are compared: in FP32 the three
 must agree on (nearly) every token; in the half dtypes rounding legitimately splits near-ties, so only the share
 of agreeing tokens is reported. One engine per dtype, each system in a process of its own (`SystemProcess`: the
-libraries slow each other down when they share one); within a dtype the three run round-robin, one at a time.
+libraries slow each other down when they share one), kept from one dtype to the next (the engine is closed and the
+next one built there); within a dtype the three run round-robin, one at a time.
 """
 
 from __future__ import annotations
@@ -82,14 +83,14 @@ def run_decode(model_dir: str, size: str, dtypes: tuple[str, ...], *, batch: int
                max_new_tokens: int, repeats: int, with_vllm: bool = True) -> list[Comparison]:
     prompts = random_prompts(batch, prompt_len, seed=0)
     results = []
-    for dtype in dtypes:
-        names = [name for name in SYSTEMS if with_vllm or name != "vllm"]
-        # Each system in its own process, all built at once; then one runs at a time.
-        systems: dict[str, SystemProcess] = {}
-        try:
+    names = [name for name in SYSTEMS if with_vllm or name != "vllm"]
+    # Each system in its own process, all built at once; then one runs at a time.
+    systems: dict[str, SystemProcess] = {}
+    try:
+        for dtype in dtypes:
             for name in names:
-                systems[name] = SystemProcess(f"{name} {size} {dtype}", SYSTEMS[name], model_dir, dtype, prompts,
-                                              max_new_tokens)
+                args = (f"{name} {size} {dtype}", SYSTEMS[name], model_dir, dtype, prompts, max_new_tokens)
+                systems[name] = systems[name].rebuild(*args) if name in systems else SystemProcess(*args)
             outputs = {name: system.wait().result()[0] for name, system in systems.items()}  # compiles; the check
             for _ in range(EXTRA_WARMUP):
                 for system in systems.values():
@@ -100,17 +101,17 @@ def run_decode(model_dir: str, size: str, dtypes: tuple[str, ...], *, batch: int
                 raise RuntimeError(f"decode {size} float32: the engines generated different tokens (agreement "
                                    f"{agreement}); timing them would compare different work")
             seconds = interleaved_median_reported({name: system.run for name, system in systems.items()}, repeats)
-        finally:
-            for system in systems.values():
-                system.close()
-        tps = {name: batch * max_new_tokens / s for name, s in seconds.items()}
-        shape = f"batch {batch}, prompt {prompt_len}, {max_new_tokens} new tokens"
-        for peer, target in (("vllm", 1.0), ("transformers", 3.0 if size == "tiny" else 1.0)):
-            if peer not in tps:
-                continue
-            results.append(Comparison.throughput(
-                f"decode {size} {dtype}: JAX sampler vs {peer}", tps["jax"], tps[peer], "tokens/s", target,
-                peer_name=peer, check=f"greedy token agreement {agreement[peer]:.3f}", note=shape))
+            tps = {name: batch * max_new_tokens / s for name, s in seconds.items()}
+            shape = f"batch {batch}, prompt {prompt_len}, {max_new_tokens} new tokens"
+            for peer, target in (("vllm", 1.0), ("transformers", 3.0 if size == "tiny" else 1.0)):
+                if peer not in tps:
+                    continue
+                results.append(Comparison.throughput(
+                    f"decode {size} {dtype}: JAX sampler vs {peer}", tps["jax"], tps[peer], "tokens/s", target,
+                    peer_name=peer, check=f"greedy token agreement {agreement[peer]:.3f}", note=shape))
+    finally:
+        for system in systems.values():
+            system.close()
     return results
 
 
