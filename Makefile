@@ -83,6 +83,6 @@ mismatch-demo: install
 
 # Benchmarks against the peers on this machine (JAX sampler vs vLLM vs transformers, jitted step vs PyTorch,
 # weight push vs memcpy, the method's overheads): bench/results.json, bench/results.md and the README table.
-# About 4 minutes on 2 CPU cores. The GPU benchmark is `$(PY) -m benchmarks.gpu` (see benchmarks/gpu.py).
+# About 6 minutes on 2 CPU cores (README). The GPU benchmark is `$(PY) -m benchmarks.gpu` (see benchmarks/gpu.py).
 bench: install
 	$(PY) -m benchmarks --out bench --readme README.md
