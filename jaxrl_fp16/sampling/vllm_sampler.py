@@ -276,9 +276,9 @@ class VLLMSampler(BaseSampler):
             views = frozenset(plan.rebuilds) if plan is not None else frozenset()
             if plan is not None and plan.verified:
                 # the plan's writes cast as they copy: on the host, the weights are handed over uncast where that
-                # saves a pass (see torch_weights)
+                # saves a pass (see torch_weights); not when some go to reload_weights, which gets the engine dtype
                 weights = torch_weights(params, self.cfg, self.compute_dtype, via_dlpack=via_dlpack, views=views,
-                                        cast_on_write=self._device_type == "cpu")
+                                        cast_on_write=self._device_type == "cpu" and not plan.reload)
                 self.last_push_mode = push_direct(llm, plan, weights)
                 plan.finish()
                 head_reloaded = EMBEDDING in plan.reload
