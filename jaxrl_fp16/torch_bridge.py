@@ -7,13 +7,14 @@ Used by the `.bin` checkpoint reader, the tiny-model builder, the vLLM weight pu
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 __all__ = ["load_state_dict", "is_float_tensor", "tensor_shapes", "to_float32_numpy", "numpy_to_torch",
-           "jax_to_torch", "bits_equal", "as_parameter", "copy_into", "cuda_available", "empty_cuda_cache",
-           "seeded", "scale_parameter", "load_causal_lm", "copy_numpy_weights", "generate_with_logprobs"]
+           "numpy_view", "jax_to_torch", "bits_equal", "as_parameter", "copy_into", "cuda_available",
+           "empty_cuda_cache", "seeded", "scale_parameter", "load_causal_lm", "copy_numpy_weights", "generate_with_logprobs"]
 
 
 def _torch():
@@ -50,6 +51,16 @@ def numpy_to_torch(array: np.ndarray) -> Any:
     if array.dtype.name == "bfloat16":
         return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
     return torch.from_numpy(array)
+
+
+def numpy_view(array: np.ndarray) -> Any:
+    """`numpy_to_torch` for a tensor that is only read: a read-only array (a memory-mapped checkpoint) is shared
+    without torch's warning that writing to it is undefined."""
+    if array.flags.writeable:
+        return numpy_to_torch(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return numpy_to_torch(array)
 
 
 def jax_to_torch(x: Any) -> Any:

@@ -146,7 +146,7 @@ class _XlaRoute:
         """`ref` as a torch view of its leaf's memory (the leaf in its own dtype)."""
         if ref.path not in self._sources:
             x = self.arrays[ref.path]
-            self._sources[ref.path] = torch_bridge.numpy_to_torch(x) if isinstance(x, np.ndarray) else \
+            self._sources[ref.path] = torch_bridge.numpy_view(x) if isinstance(x, np.ndarray) else \
                 torch_bridge.jax_to_torch(x)
         t = self._sources[ref.path]
         t = t if ref.layer is None else t[ref.layer]
