@@ -14,7 +14,8 @@ import numpy as np
 
 __all__ = ["load_state_dict", "is_float_tensor", "tensor_shapes", "to_float32_numpy", "numpy_to_torch",
            "numpy_view", "jax_to_torch", "bits_equal", "as_parameter", "copy_into", "cuda_available",
-           "empty_cuda_cache", "seeded", "scale_parameter", "load_causal_lm", "copy_numpy_weights", "generate_with_logprobs"]
+           "empty_cuda_cache", "seeded", "scale_parameter", "load_causal_lm", "copy_numpy_weights",
+           "generate_with_logprobs"]
 
 
 def _torch():
