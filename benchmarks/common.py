@@ -120,11 +120,12 @@ class SystemProcess:
     in the same process (the next dtype of a decode system: one engine at a time, without paying the process's
     start and imports again)."""
 
-    def __init__(self, name: str, factory: Callable[..., Callable[[], Any]], *args: Any):
+    def __init__(self, name: str, factory: Callable[..., Callable[[], Any]], *args: Any, process: str | None = None):
+        """`process`: the process's name (what vLLM's log lines show), `name` if None."""
         ctx = multiprocessing.get_context("spawn")
         self.name = name
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, factory, args), name=f"bench-{name}")
+        self._proc = ctx.Process(target=_serve, args=(child, factory, args), name=f"bench-{process or name}")
         self._proc.start()
         child.close()
         self._ready = False

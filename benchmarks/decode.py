@@ -90,7 +90,8 @@ def run_decode(model_dir: str, size: str, dtypes: tuple[str, ...], *, batch: int
         for dtype in dtypes:
             for name in names:
                 args = (f"{name} {size} {dtype}", SYSTEMS[name], model_dir, dtype, prompts, max_new_tokens)
-                systems[name] = systems[name].rebuild(*args) if name in systems else SystemProcess(*args)
+                systems[name] = systems[name].rebuild(*args) if name in systems else \
+                    SystemProcess(*args, process=f"{name} {size}")
             outputs = {name: system.wait().result()[0] for name, system in systems.items()}  # compiles; the check
             for _ in range(EXTRA_WARMUP):
                 for system in systems.values():
