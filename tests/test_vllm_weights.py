@@ -90,7 +90,7 @@ def test_a_rebuild_whose_processing_needs_contiguous_weights_stages_them_so():
         kernel = torch.randn(6, 4)  # FP32, (in, out) as the trainer holds it
         bias = torch.randn(4)
         assert not rebuild.put("weight", Slot(), kernel.t())
-        assert not rebuild.staged["weight"].is_contiguous() if push == 0 else rebuild.staged["weight"].is_contiguous()
+        assert rebuild.staged["weight"].is_contiguous() == (push > 0)  # the view's order first, then contiguous
         assert rebuild.put("bias", Slot(), bias)
         rebuild.rebuild()
         assert rebuild.contiguous and not rebuild.staged
