@@ -24,6 +24,8 @@
   `model.cache_dir=<the folder returned>`; it shares the others' build when its warm start and task keys equal
   theirs. Each module gets its own folder (linking the shared build) because the prompt-set cache that runs
   write next to the base model is not safe for two processes writing the same file at once.
+- `--compile-times=PATH`: each test's XLA compile seconds and wall seconds, written to PATH and summed by file
+  (tests/compile_times.py).
 - Collection order: the longest files first (`LONG_FILES`), so that `make test`'s two workers finish together.
 """
 
@@ -37,6 +39,9 @@ from pathlib import Path
 
 import filelock  # installed with transformers (huggingface_hub) and torch
 import pytest
+
+from compile_times import (pytest_addoption, pytest_configure, pytest_runtest_protocol,  # noqa: F401 (hooks)
+                           pytest_sessionfinish, pytest_terminal_summary, pytest_testnodedown)
 
 
 # Programs that compile faster than this are not written to the cache (JAX's default is 1 s).
