@@ -491,14 +491,19 @@ def arms(base_models, tmp_path_factory):
 def test_a_tiny_ppo_run_learns(arms, precision):
     history = arms[precision]["history"]
     acc = [m["reward/accuracy"] for m in history]
-    value_loss = [m["critic/value_loss"] for m in history]
-    print(f"{precision}: accuracy first 4 {np.mean(acc[:4]):.3f} last 4 {np.mean(acc[-4:]):.3f}; value loss "
-          f"{np.mean(value_loss[:4]):.4f} -> {np.mean(value_loss[-4:]):.4f}; explained variance "
-          f"{history[0]['critic/explained_variance']:.3f} -> {history[-1]['critic/explained_variance']:.3f}")
+    gap = [abs(m["critic/value_mean"] - m["critic/return_mean"]) for m in history]
+    explained = [m["critic/explained_variance"] for m in history]
+    print(f"{precision}: accuracy first 4 {np.mean(acc[:4]):.3f} last 4 {np.mean(acc[-4:]):.3f}; |mean value - "
+          f"mean return| {np.mean(gap[:4]):.3f} -> {np.mean(gap[-4:]):.3f}; explained variance {explained[0]:.3f}, "
+          f"last 8 {np.mean(explained[-8:]):.3f}")
     assert np.mean(acc[-4:]) > np.mean(acc[:4]) + 0.03
-    assert np.mean(value_loss[-4:]) < np.mean(value_loss[:4])  # the critic learns too
-    assert history[0]["critic/value_mean"] == 0.0 and history[-1]["critic/value_mean"] > 0.05
-    assert history[-1]["critic/explained_variance"] > history[0]["critic/explained_variance"]
+    # The critic learns too: from its zero head (value 0, nothing explained) its mean value follows the mean return
+    # and it explains part of the returns' variance. Its loss need not fall: the returns' variance grows as the
+    # accuracy moves towards 0.5 (a 16-iteration run's value loss rose 0.095 -> 0.103 while it learned).
+    assert history[0]["critic/value_mean"] == 0.0 and abs(explained[0]) < 1e-6
+    assert history[-1]["critic/value_mean"] > 0.05
+    assert np.mean(gap[-4:]) < np.mean(gap[:4])
+    assert np.mean(explained[-8:]) > 0.02
 
 
 @pytest.mark.slow
