@@ -41,8 +41,8 @@ from jaxrl_fp16.rl.sft import ModelSection, SFTSection, TinyModelConfig
 from jaxrl_fp16.rl.tasks import TaskSection
 from jaxrl_fp16.sampling.options import SamplerSection
 from jaxrl_fp16.topology import DistributedSection, MeshSection
-from jaxrl_fp16.validation import (ConfigError, call_checked, check_fields, check_positive, describe_type, field_types,
-                                   join_key, unwrap_optional)
+from jaxrl_fp16.validation import (ConfigError, call_checked, check_fields, check_non_negative, check_positive,
+                                   describe_type, field_types, join_key, unwrap_optional)
 
 __all__ = ["RunConfig", "TinyModelConfig", "ModelSection", "TaskSection", "PerfectibleSection", "SamplerSection",
            "OptimSection", "LossScaleSection", "TrainSection", "SFTSection", "CheckpointSection", "LogSection",
@@ -59,13 +59,17 @@ class TrainSection:
     microbatches: int = 1  # gradient accumulation inside each optimizer step
     normalize_advantage_std: bool = False
     score_memory_gib: float = 2.0  # activation budget of one batch of the trainer's scorer (`scoring.score_rows`)
+    # every eval_every iterations (0: never), `eval/accuracy`: the prompt set's accuracy at eval_samples_per_prompt
+    eval_every: int = 0
+    eval_samples_per_prompt: int = 4
 
     def __post_init__(self):
         check_fields(self, "train")
         check_positive("train", iterations=self.iterations, prompts_per_iteration=self.prompts_per_iteration,
                        samples_per_prompt=self.samples_per_prompt,
                        minibatches_per_iteration=self.minibatches_per_iteration, microbatches=self.microbatches,
-                       score_memory_gib=self.score_memory_gib)
+                       score_memory_gib=self.score_memory_gib, eval_samples_per_prompt=self.eval_samples_per_prompt)
+        check_non_negative("train", eval_every=self.eval_every)
         rows = self.prompts_per_iteration * self.samples_per_prompt
         if rows % self.minibatches_per_iteration:
             raise ConfigError(f"train: prompts_per_iteration x samples_per_prompt = {rows} rows do not split into "

@@ -186,6 +186,8 @@ def test_sections_built_directly_check_types_and_finiteness():
     (["optim.eps=-1e-8"], ["optim.eps must be >= 0"]),
     (["optim.weight_decay=-0.01"], ["optim.weight_decay must be >= 0"]),
     (["optim.warmup_steps=-1"], ["optim.warmup_steps must be >= 0"]),
+    (["train.eval_every=-1"], ["train.eval_every must be >= 0"]),
+    (["train.eval_samples_per_prompt=0"], ["train.eval_samples_per_prompt must be > 0"]),
     (["optim.max_grad_norm=0"], ["optim.max_grad_norm must be > 0"]),
     (["sampler.top_k=-1"], ["sampler.top_k must be >= 0"]),
     (["sampler.temperature=0"], ["sampler.temperature must be > 0"]),

@@ -211,6 +211,9 @@ class Trainer:
             "time/sync": t5 - t4,
             "time/iteration": t5 - t0,
         }
+        if run.train.eval_every and (it + 1) % run.train.eval_every == 0:  # the pushed weights, on the prompt set
+            out["eval/accuracy"] = self.evaluate(run.train.eval_samples_per_prompt)
+            out["time/eval"] = time.perf_counter() - t5
         return out
 
     # ----- the loop -----
