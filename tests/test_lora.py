@@ -265,8 +265,8 @@ def quick(cache_dir, *extra):
 @pytest.fixture(scope="module")
 def arms(base_models, tmp_path_factory):
     """The same short LoRA-GRPO run in FP16 and in BF16, with accuracy on the prompt set before and after the run
-    and every EVAL_EVERY iterations (`train.eval_every`), 16 samples per prompt (the base model is the session's shared one,
-    see conftest.py)."""
+    and every EVAL_EVERY iterations (`train.eval_every`), 16 samples per prompt (the base model is the session's
+    shared one, see conftest.py)."""
     cache_dir = str(tmp_path_factory.mktemp("cache"))
     base_models.cache_dir(load_config(LORA_CONFIG, quick(cache_dir)), cache_dir)
     out = {}
