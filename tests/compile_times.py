@@ -56,12 +56,14 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if not config.getoption("compile_times"):
         return
-    import jax.monitoring  # only when asked: the option must not import JAX for every pytest run
+    config.stash[_MERGED] = {}
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # xdist's controller runs no test: it only merges what its workers recorded
+    import jax.monitoring  # only where tests run, and only when asked (not for every pytest run)
 
     recorder = _Recorder()
     jax.monitoring.register_event_duration_secs_listener(recorder.on_event)
     config.stash[_STASH] = recorder
-    config.stash[_MERGED] = {}
 
 
 @pytest.hookimpl(hookwrapper=True)
