@@ -300,8 +300,8 @@ def sft(args: argparse.Namespace) -> int:
                 shutil.copytree(path, tmp, dirs_exist_ok=True)
             path = args.out
     else:
-        run_sft(run.model.path, run.task.build(), run.model.warm_start,
-                args.out, progress=run.log.progress, overwrite=args.overwrite)
+        run_sft(run.model.path, run.task.build(), run.model.warm_start, args.out, forward=run.model,
+                progress=run.log.progress, overwrite=args.overwrite)
         path = args.out
     print(f"warm-started model: {path}")
     return 0

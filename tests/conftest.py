@@ -16,9 +16,9 @@
 
       ... load_config(CONFIG, [f"model.cache_dir={cache_dir}", ...]) or `jaxrl-fp16 ... model.cache_dir=...`
 
-  The base model is keyed as `jaxrl_fp16.rl.sft.ensure_base_model` keys it (`model.tiny`, `model.warm_start`,
-  `task.name`, `task.options`), so modules whose configs agree on those keys share one build: test_trainer,
-  test_lora and test_ppo (configs/tiny_fp16.yaml with a 300-step warm start) do. A CLI test (test_sanity's
+  The base model is keyed as `jaxrl_fp16.rl.sft.ensure_base_model` keys it (`base_model_key`: `model.tiny`,
+  `model.warm_start`, `task.name`, `task.options`, the forward's options), so modules whose configs agree on
+  those keys share one build: test_trainer, test_lora and test_ppo (configs/tiny_fp16.yaml with a 300-step warm start) do. A CLI test (test_sanity's
   `jaxrl-fp16 sanity`) uses it the same way: load the run config the command builds
   (`load_config(jaxrl_fp16.tools.sanity.preset_path(), overrides)`), and give the command
   `model.cache_dir=<the folder returned>`; it shares the others' build when its warm start and task keys equal
@@ -32,8 +32,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -71,13 +69,6 @@ def jax_compilation_cache(tmp_path_factory):
     return path
 
 
-def _model_key(run) -> str:
-    """What determines a run's built base model (ensure_base_model's spec, without its format version)."""
-    spec = {"tiny": dataclasses.asdict(run.model.tiny), "warm_start": dataclasses.asdict(run.model.warm_start),
-            "task": {"name": run.task.name, "options": dict(run.task.options)}}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SharedBaseModels:
     """Base models built once per test session in `root` and linked into each caller's cache folder."""
@@ -86,11 +77,11 @@ class SharedBaseModels:
 
     def build(self, run) -> str:
         """The shared directory of `run`'s base model, built on first use (one builder at a time per model)."""
-        from jaxrl_fp16.rl.sft import ensure_base_model
+        from jaxrl_fp16.rl.sft import base_model_key, ensure_base_model
 
         self.root.mkdir(parents=True, exist_ok=True)
         shared = dataclasses.replace(run, model=dataclasses.replace(run.model, path=None, cache_dir=str(self.root)))
-        with filelock.FileLock(str(self.root / f"build-{_model_key(run)}.lock")):
+        with filelock.FileLock(str(self.root / f"build-{base_model_key(run)}.lock")):
             return ensure_base_model(shared, progress=False)
 
     def cache_dir(self, run, cache_dir: str | os.PathLike) -> str:

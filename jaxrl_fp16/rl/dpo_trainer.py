@@ -92,9 +92,7 @@ class DPOTrainer:
         self.train_data = data.subset(slice(0, d.num_pairs))
         self.eval_data = data.subset(slice(d.num_pairs, None))
 
-        self.model = CausalLM(self.model_cfg, dtype=self.policy.compute_dtype, numerics=run.model.numerics(),
-                              attention=run.model.attention, attention_block=run.model.attention_block,
-                              remat=run.model.remat, unroll=run.model.unroll)
+        self.model = run.model.causal_lm(self.model_cfg, self.policy.compute_dtype, run.model.numerics())
         self.loss_cfg = d.loss_config()
         self._score = jax.jit(functools.partial(pair_logps, self.model))
         params = jax.tree_util.tree_map(jnp.asarray, params)

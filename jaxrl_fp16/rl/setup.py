@@ -149,10 +149,8 @@ def setup_run(run: RunConfig, run_dir: str, *, resume: bool = False,
         raise ValueError(f"longest prompt + sampler.max_new_tokens = {width} tokens exceeds the model's "
                          f"context ({model_cfg.max_position_embeddings})")
     log.info("trainer compute dtype %s, sampler dtype %s (%s)", compute, sampler.compute_dtype, run.sampler.name)
-    forward = dict(attention=run.model.attention, attention_block=run.model.attention_block,
-                   unroll=run.model.unroll)
-    scorer = Scorer(model_cfg, dtype=compute, numerics=numerics, **forward)
-    model = CausalLM(model_cfg, dtype=compute, numerics=numerics, remat=run.model.remat, **forward)
+    scorer = Scorer(model_cfg, dtype=compute, numerics=numerics, **run.model.forward_options())
+    model = run.model.causal_lm(model_cfg, compute, numerics)
     optimizer = run.build_optimizer()
     # LoRA: the step trains the adapters; the base rides along in the compute dtype as `frozen`.
     trainable = Trainable.for_run(run, model_cfg, params)

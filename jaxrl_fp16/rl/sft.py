@@ -7,12 +7,13 @@ its `tiny` model and `warm_start`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
 import tempfile
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ import optax
 
 from jaxrl_fp16 import multiprocess
 from jaxrl_fp16.loss_scale import LossScaleSection
+from jaxrl_fp16.models.attention import resolve_remat
 from jaxrl_fp16.models.config import Numerics
 from jaxrl_fp16.models.decoder import CausalLM, token_logprobs
 from jaxrl_fp16.models.hf import load_hf_params, load_tokenizer, save_hf_params
@@ -31,7 +33,8 @@ from jaxrl_fp16.step import TrainState, make_train_step
 from jaxrl_fp16.validation import (ConfigError, call_checked, check_choice, check_fields, check_non_negative,
                                    check_positive)
 
-__all__ = ["ModelSection", "TinyModelConfig", "SFTSection", "run_sft", "ensure_base_model", "sft_examples",
+__all__ = ["ModelSection", "TinyModelConfig", "SFTSection", "run_sft", "ensure_base_model", "base_model_spec",
+           "base_model_key", "sft_examples",
            "SFT_LOSS_SCALE", "ATTENTION_CHOICES", "REMAT_CHOICES", "LAYER_LOOP_CHOICES"]
 
 log = logging.getLogger(__name__)
@@ -89,20 +92,35 @@ class TinyModelConfig:
 class SFTSection:
     """Supervised warm start on the task's reference responses (the same mixed-precision step)."""
 
-    steps: int = 400
+    steps: int = 400  # steps per round: `warmup_steps` of warmup, then a cosine decay to lr / 10
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 20
     precision: str = "fp32"
     num_problems: int = 4096
     seed: int = 0
+    # Rounds to a loss target: with `target_loss` set, a round whose mean loss over its last tenth of steps is
+    # above it is followed by another (the schedule restarts, Adam's moments carry over), up to `max_rounds`
+    # rounds; a run that stops above the target says so in the log. None: one round, no check.
+    target_loss: Optional[float] = None
+    max_rounds: int = 1
 
     def __post_init__(self):
         check_fields(self, "model.warm_start")
         check_positive("model.warm_start", steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                       num_problems=self.num_problems)
+                       num_problems=self.num_problems, max_rounds=self.max_rounds)
         check_non_negative("model.warm_start", warmup_steps=self.warmup_steps)
         call_checked("model.warm_start.precision", get_policy, self.precision)
+        if self.target_loss is not None:
+            check_positive("model.warm_start", target_loss=self.target_loss)
+        elif self.max_rounds > 1:
+            raise ConfigError(f"model.warm_start.max_rounds={self.max_rounds} needs model.warm_start.target_loss "
+                              f"(the loss that ends the rounds)")
+
+    @property
+    def window(self) -> int:
+        """The steps at the end of a round whose mean loss is compared with `target_loss`."""
+        return max(1, self.steps // 10)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -153,6 +171,19 @@ class ModelSection:
         """The `Numerics` the trainer, scorer and JAX sampler run with."""
         return Numerics.from_overrides(self.fp32_ops, emulate=self.emulate)
 
+    def forward_options(self) -> dict[str, Any]:
+        """The training and scoring forward's layout options, as `CausalLM` and `Scorer` take them."""
+        return dict(attention=self.attention, attention_block=self.attention_block, unroll=self.unroll)
+
+    def causal_lm(self, cfg: Any, dtype: Any, numerics: Optional[Numerics] = None) -> CausalLM:
+        """The training forward of `cfg` in compute `dtype` with this section's attention, layer loop and remat."""
+        return CausalLM(cfg, dtype=dtype, numerics=numerics or Numerics(), remat=self.remat, **self.forward_options())
+
+    def forward_spec(self, backend: str) -> dict[str, Any]:
+        """What of the forward's options changes a warm start's result on `backend` ("auto" remat resolved)."""
+        return {"attention": self.attention, "attention_block": self.attention_block, "layer_loop": self.layer_loop,
+                "remat": resolve_remat(self.remat, backend=backend)}
+
 
 def sft_examples(task: Any, tokenizer: Any, num: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tokenized (prompt + reference response + EOS) rows, right-padded: tokens, attention mask, loss mask."""
@@ -174,9 +205,10 @@ def sft_examples(task: Any, tokenizer: Any, num: int, seed: int) -> tuple[np.nda
     return tokens, attn, loss_mask
 
 
-def run_sft(model_dir: str, task: Any, sft: SFTSection, out_dir: str, *, progress: bool = True,
-            overwrite: bool = False) -> dict[str, float]:
-    """Trains `model_dir` on `task`'s reference responses per the `SFTSection` `sft`; writes an HF dir."""
+def run_sft(model_dir: str, task: Any, sft: SFTSection, out_dir: str, *, forward: Optional[ModelSection] = None,
+            progress: bool = True, overwrite: bool = False) -> dict[str, float]:
+    """Trains `model_dir` on `task`'s reference responses per the `SFTSection` `sft`; writes an HF dir. The
+    forward runs with `forward`'s attention, layer loop and remat (a run's `model` section; None: the defaults)."""
     from tqdm.auto import tqdm
 
     check_output_dir(out_dir, overwrite=overwrite, sources=[model_dir])  # before the training, not after it
@@ -187,7 +219,7 @@ def run_sft(model_dir: str, task: Any, sft: SFTSection, out_dir: str, *, progres
     if tokens.shape[1] > cfg.max_position_embeddings:
         raise ValueError(f"SFT examples are {tokens.shape[1]} tokens long, more than the model's context "
                          f"({cfg.max_position_embeddings})")
-    model = CausalLM(cfg, dtype=policy.compute_dtype)
+    model = (forward or ModelSection()).causal_lm(cfg, policy.compute_dtype)
 
     def loss_fn(p, batch):
         logp = token_logprobs(model, p, batch["tokens"], batch["attn"])
@@ -198,26 +230,60 @@ def run_sft(model_dir: str, task: Any, sft: SFTSection, out_dir: str, *, progres
     warmup = max(0, min(sft.warmup_steps, sft.steps - 1))
     schedule = optax.warmup_cosine_decay_schedule(0.0, sft.lr, warmup, sft.steps, end_value=sft.lr * 0.1) \
         if sft.steps > 1 else sft.lr
+    if sft.max_rounds > 1 and callable(schedule):  # each round restarts the schedule
+        schedule = functools.partial(_restarted, schedule, sft.steps)
     optimizer = optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.0)
     scale = SFT_LOSS_SCALE.build(policy.compute_dtype)
     step = make_train_step(loss_fn, optimizer, policy, max_grad_norm=1.0, donate=True)
     state = TrainState.create(jax.tree_util.tree_map(jnp.asarray, params), optimizer, scale)
     rng = np.random.default_rng(sft.seed)
-    losses = []
-    for _ in tqdm(range(sft.steps), desc="warm start", disable=not progress, leave=False):
-        idx = rng.choice(len(tokens), size=sft.batch_size, replace=len(tokens) < sft.batch_size)
-        state, metrics = step(state, {"tokens": tokens[idx], "attn": attn[idx], "loss_mask": loss_mask[idx]})
-        losses.append(float(metrics["loss"]))
+    losses, round_losses = [], []
+    bar = tqdm(total=sft.steps, desc="warm start", disable=not progress, leave=False)
+    for r in range(sft.max_rounds):
+        bar.reset(total=sft.steps)
+        bar.set_description(f"warm start round {r + 1}" if sft.max_rounds > 1 else "warm start")
+        for _ in range(sft.steps):
+            idx = rng.choice(len(tokens), size=sft.batch_size, replace=len(tokens) < sft.batch_size)
+            state, metrics = step(state, {"tokens": tokens[idx], "attn": attn[idx], "loss_mask": loss_mask[idx]})
+            losses.append(float(metrics["loss"]))
+            bar.update()
+        round_losses.append(float(np.mean(losses[-sft.window:])))
+        if sft.target_loss is None or round_losses[-1] <= sft.target_loss:
+            break
+        log.info("warm start round %d: mean loss over its last %d steps %.4f > target %g%s", r + 1, sft.window,
+                 round_losses[-1], sft.target_loss, "; another round" if r + 1 < sft.max_rounds else "")
+    bar.close()
+    reached = sft.target_loss is None or round_losses[-1] <= sft.target_loss
+    if not reached:
+        log.warning("warm start ended above its target: mean loss %.4f over the last %d steps after %d rounds > "
+                    "model.warm_start.target_loss=%g (raise model.warm_start.max_rounds or steps)",
+                    round_losses[-1], sft.window, sft.max_rounds, sft.target_loss)
     save_hf_params(jax.device_get(state.params), cfg, out_dir, dtype="float32", tokenizer_from=model_dir,
                    overwrite=overwrite)
     stats = {"sft/loss_first": losses[0], "sft/loss_last": float(np.mean(losses[-10:])),
-             "sft/skipped_steps": int(state.skipped_steps)}
+             "sft/loss_window": round_losses[-1], "sft/rounds": len(round_losses),
+             "sft/target_reached": bool(reached), "sft/skipped_steps": int(state.skipped_steps)}
     log.info("warm start done: %s", stats)
     return stats
 
 
-def _cache_key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _restarted(schedule: Callable[[Any], Any], period: int, count: Any) -> Any:
+    """`schedule` restarted every `period` steps."""
+    return schedule(count % period)
+
+
+def base_model_spec(run: Any) -> dict[str, Any]:
+    """Everything that determines the tiny base model of a `RunConfig` (with `model.path` unset): the random
+    model, the warm start, the task, and the forward's options as they run on this backend."""
+    m = run.model
+    return {"tiny": dataclasses.asdict(m.tiny), "warm_start": dataclasses.asdict(m.warm_start),
+            "task": {"name": run.task.name, "options": dict(run.task.options)},
+            "forward": m.forward_spec(jax.default_backend()), "version": 2}
+
+
+def base_model_key(run: Any) -> str:
+    """The cache key of `base_model_spec(run)` (the base model's folder is `base-<task>-<key>`)."""
+    return hashlib.sha256(json.dumps(base_model_spec(run), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def ensure_base_model(run: Any, progress: bool = True) -> str:
@@ -235,17 +301,16 @@ def _ensure_base_model(run: Any, progress: bool) -> str:
         if not os.path.isfile(os.path.join(m.path, "config.json")):
             raise FileNotFoundError(f"model.path={m.path} is not a Hugging Face model directory (no config.json)")
         return m.path
-    spec = {"tiny": dataclasses.asdict(m.tiny), "warm_start": dataclasses.asdict(m.warm_start),
-            "task": {"name": run.task.name, "options": dict(run.task.options)}, "version": 1}
-    out = os.path.join(m.cache_dir, f"base-{run.task.name}-{_cache_key(spec)}")
+    spec = base_model_spec(run)
+    out = os.path.join(m.cache_dir, f"base-{run.task.name}-{base_model_key(run)}")
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
     os.makedirs(m.cache_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=m.cache_dir) as tmp:
         random_dir = m.tiny.build(os.path.join(tmp, "random"))
-        run_sft(random_dir, run.task.build(), m.warm_start, out, progress=progress)
+        stats = run_sft(random_dir, run.task.build(), m.warm_start, out, forward=m, progress=progress)
     spec_file = os.path.join(out, "base_model_spec.json")
     with open(f"{spec_file}.{os.getpid()}.tmp", "w") as f:  # a writer's own temporary file, then a rename
-        json.dump(spec, f, indent=2)
+        json.dump({**spec, "warm_start_result": stats}, f, indent=2)
     os.replace(f.name, spec_file)
     return out

@@ -88,8 +88,7 @@ def plan_shapes(run: RunConfig, cfg: ModelConfig, trainer_devices: int) -> PlanS
                           f"devices")
     width = plan_width(run, cfg)
     scorer = Scorer(cfg, dtype=run.policy.compute_dtype, numerics=run.model.numerics(),
-                    memory_gib=t.score_memory_gib, attention=run.model.attention,
-                    attention_block=run.model.attention_block, unroll=run.model.unroll)
+                    memory_gib=t.score_memory_gib, **run.model.forward_options())
     score_rows = scorer.rows(width, t.prompts_per_iteration * t.samples_per_prompt)
     return PlanShapes(mesh=mesh, step_rows=rows, microbatches=t.microbatches, width=width, score_rows=score_rows,
                       score_width=width)
