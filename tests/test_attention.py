@@ -158,14 +158,15 @@ def test_an_unrolled_layer_loop_keeps_parameters_logprobs_and_gradients(remat):
     assert "stablehlo.while" in hlo[0] and "stablehlo.while" not in hlo[1]  # the option does what it says
 
 
-def test_auto_is_dense_on_cpu_for_short_sequences():
+def test_auto_is_dense_with_dots_remat_on_cpu_for_short_sequences():
     cfg = CONFIGS["llama"]
     params = init_params(cfg)
     tokens, mask = batch()
-    assert CausalLM(cfg).resolved(T) == ("dense", "none")
-    auto, _ = logprobs_and_grads(CausalLM(cfg), params, tokens, mask)
-    dense, _ = logprobs_and_grads(CausalLM(cfg, attention="dense", remat="none"), params, tokens, mask)
+    assert CausalLM(cfg).resolved(T) == ("dense", "dots")
+    auto, auto_g = logprobs_and_grads(CausalLM(cfg), params, tokens, mask)
+    dense, dense_g = logprobs_and_grads(CausalLM(cfg, attention="dense", remat="dots"), params, tokens, mask)
     assert np.array_equal(auto, dense)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, auto_g, dense_g)
 
 
 def test_resolvers():
@@ -190,7 +191,7 @@ def test_resolvers():
     for choice in ("dense", "blockwise", "cudnn"):
         assert attn.resolve_attention(choice, backend="cpu", seq_len=16) == choice
     assert attn.resolve_remat("auto", backend="gpu") == "full"
-    assert attn.resolve_remat("auto", backend="cpu") == "none"
+    assert attn.resolve_remat("auto", backend="cpu") == "dots"
     assert attn.resolve_remat("dots", backend="cpu") == "dots"
     with pytest.raises(ValueError, match="model.attention='flash'"):
         attn.resolve_attention("flash", backend="gpu", seq_len=16)

@@ -9,8 +9,8 @@ from jaxrl_fp16.config import ConfigError, load_config
 from jaxrl_fp16.tools.sanity import arm_configs, arms_for, findings, preset_path, seed_overrides
 
 
-QUICK = ["model.warm_start.steps=300", "task.num_problems=64", "perfectible.enabled=false", "train.iterations=6",
-         "train.prompts_per_iteration=8", "train.minibatches_per_iteration=2", "log.tensorboard=false",
+QUICK = ["model.warm_start.steps=300", "model.warm_start.max_rounds=1", "task.num_problems=64",
+         "perfectible.enabled=false", "train.iterations=6", "train.prompts_per_iteration=8", "train.minibatches_per_iteration=2", "log.tensorboard=false",
          "checkpoint.export_hf=false"]
 
 
@@ -38,6 +38,7 @@ def test_report_and_plots_are_written(report_dir):
     assert "## Findings" in text and ("REPRODUCED" in text or "NOT reproduced" in text)
     assert "Sanity criterion (grpo) MET" in text or "Sanity criterion (grpo) NOT met" in text
     assert "## Reproducibility" in text and "Seed 0:" in text and "bitwise" in text and "instruction set" in text
+    assert "(1 round(s) of 300 steps, mean loss of the last tenth " in text  # the base model's warm start
 
 
 def test_seed_overrides():

@@ -28,7 +28,7 @@ and key s is valid) or an explicit boolean [B, T, S] (a KV cache, or a caller th
 
 Rematerialisation (`resolve_remat`): "none", "full" (a layer saves nothing but its inputs and recomputes its
 forward in the backward), "dots" (saves the outputs of matmuls without batch dimensions, i.e. the projections
-and the MLP; recomputes the rest); "auto" is "full" on a GPU and "none" elsewhere.
+and the MLP; recomputes the rest); "auto" is "full" on a GPU and "dots" elsewhere.
 """
 
 from __future__ import annotations
@@ -85,9 +85,10 @@ def resolve_attention(choice: str, *, backend: str, seq_len: int, dtype: Any = N
 
 def resolve_remat(choice: str, *, backend: str) -> str:
     """The rematerialisation `choice` ("auto", "none", "full", "dots") runs as on `backend`: "auto" is "full" on
-    a GPU (activation memory is what limits batch and length there) and "none" elsewhere."""
+    a GPU (activation memory is what limits batch and length there) and "dots" elsewhere (on a CPU the layer
+    scan's saved elementwise values cost more to stack and read back than to recompute: README "Training step")."""
     if choice == "auto":
-        return "full" if backend == "gpu" else "none"
+        return "full" if backend == "gpu" else "dots"
     if choice not in REMAT_KINDS:
         raise ValueError(f"model.remat={choice!r}; valid: auto, {', '.join(REMAT_KINDS)}")
     return choice

@@ -34,7 +34,7 @@ from jaxrl_fp16.validation import (ConfigError, call_checked, check_choice, chec
                                    check_positive)
 
 __all__ = ["ModelSection", "TinyModelConfig", "SFTSection", "run_sft", "ensure_base_model", "base_model_spec",
-           "base_model_key", "sft_examples",
+           "base_model_key", "warm_start_result", "sft_examples",
            "SFT_LOSS_SCALE", "ATTENTION_CHOICES", "REMAT_CHOICES", "LAYER_LOOP_CHOICES"]
 
 log = logging.getLogger(__name__)
@@ -284,6 +284,15 @@ def base_model_spec(run: Any) -> dict[str, Any]:
 def base_model_key(run: Any) -> str:
     """The cache key of `base_model_spec(run)` (the base model's folder is `base-<task>-<key>`)."""
     return hashlib.sha256(json.dumps(base_model_spec(run), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def warm_start_result(base_dir: str) -> dict[str, Any]:
+    """The warm start's statistics recorded with a cached base model (`run_sft`'s; {} for another folder)."""
+    try:
+        with open(os.path.join(base_dir, "base_model_spec.json")) as f:
+            return dict(json.load(f).get("warm_start_result", {}))
+    except FileNotFoundError:
+        return {}
 
 
 def ensure_base_model(run: Any, progress: bool = True) -> str:

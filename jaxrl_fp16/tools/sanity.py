@@ -156,13 +156,17 @@ def run_status(run_dir: str, iterations: int) -> str:
 
 
 def train_arm(run: Any, run_dir: str, *, resume: bool = False) -> dict[str, Any]:
-    """Trains `run` into `run_dir` (continuing its latest checkpoint with `resume`); returns the prompt stats."""
+    """Trains `run` into `run_dir` (continuing its latest checkpoint with `resume`); returns the prompt stats and
+    the base model's warm-start statistics (`warm_start/rounds`, `warm_start/loss`, where recorded)."""
+    from jaxrl_fp16.rl.sft import warm_start_result
     from jaxrl_fp16.rl.trainer import Trainer
 
     trainer = Trainer(run, run_dir, resume=resume)
     try:
         trainer.run()
-        return dict(trainer.prompt_stats)
+        warm = warm_start_result(trainer.base_dir)
+        recorded = {"warm_start/rounds": warm.get("sft/rounds"), "warm_start/loss": warm.get("sft/loss_window")}
+        return {**trainer.prompt_stats, **{k: v for k, v in recorded.items() if v is not None}}
     finally:
         trainer.close()
 
@@ -244,8 +248,8 @@ def reproducibility(setup: dict[str, Any]) -> list[str]:
     """The report's statement of what a rerun reproduces exactly and what it does not."""
     return ["## Reproducibility", "",
             f"Seed {setup.get('seed', '?')}: it seeds the tiny model's initialisation, the warm start ("
-            f"{setup.get('warm_start_steps', '?')} steps: its problems and batches), the RL prompt order and the "
-            f"sampling; the candidate problems come from `task.seed` ({setup.get('task_seed', '?')}). Another "
+            f"rounds of {setup.get('warm_start_steps', '?')} steps: its problems and batches), the RL prompt order and "
+            f"the sampling; the candidate problems come from `task.seed` ({setup.get('task_seed', '?')}). Another "
             "seed is an independent replicate: another base model, another perfectible set.",
             "",
             "- Deterministic: on one machine, the same command (seed and overrides) gives bitwise the same base "
@@ -281,7 +285,9 @@ def write_report(out: str, rows: dict[str, dict[str, Any]], setup: dict[str, Any
             "|pi-mu| start", "|pi-mu| end", "skipped steps", "wall s"]
     lines = ["# Sanity experiment: FP16 vs BF16", "",
              f"Tiny {setup['model']['arch']} model ({setup['model']['num_layers']} layers, hidden "
-             f"{setup['model']['hidden_size']}) warm-started on `{setup['task']}` {setup['task_options']}; "
+             f"{setup['model']['hidden_size']}) warm-started on `{setup['task']}` {setup['task_options']}"
+             + (f" ({setup['warm_start/rounds']} round(s) of {setup['warm_start_steps']} steps, mean loss of the "
+                f"last tenth {setup['warm_start/loss']:.3f})" if "warm_start/rounds" in setup else "") + "; "
              f"{setup.get('prompts/kept', '?')} perfectible prompts (base pass rate "
              f"{setup.get('prompts/pass_rate_kept', float('nan')):.2f} on them); {setup['iterations']} iterations of "
              f"{setup['prompts_per_iteration']} prompts x {setup['samples_per_prompt']} samples, lr {setup['lr']}; "
