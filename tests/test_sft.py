@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from jaxrl_fp16.config import load_config
+from jaxrl_fp16.models.attention import resolve_remat
 from jaxrl_fp16.models.hf import load_hf_params
 from jaxrl_fp16.models.tiny import make_tiny
 from jaxrl_fp16.rl.sft import ModelSection, SFTSection, _restarted, base_model_key, base_model_spec, run_sft
@@ -95,10 +96,22 @@ def test_the_base_model_key_covers_the_warm_start_and_the_forward():
         return base_model_key(load_config(TINY, list(overrides)))
 
     plain = key()
-    assert base_model_spec(load_config(TINY, []))["forward"]["remat"] == "none"  # "auto" on a CPU
-    assert key("model.remat=none") == plain  # what "auto" runs here: the same base
-    others = [key("model.remat=dots"), key("model.remat=full"), key("model.layer_loop=unrolled"),
+    here = resolve_remat("auto", backend=jax.default_backend())
+    assert base_model_spec(load_config(TINY, []))["forward"]["remat"] == here  # "auto" resolved
+    assert key(f"model.remat={here}") == plain  # what "auto" runs here: the same base
+    remats = [key(f"model.remat={kind}") for kind in ("none", "dots", "full") if kind != here]
+    others = [*remats, key("model.layer_loop=unrolled"),
               key("model.attention=blockwise"), key("model.attention_block=64"), key("model.warm_start.steps=7"),
               key("model.warm_start.target_loss=0.1"), key("model.tiny.seed=3"), key("task.options.max_digits=3")]
     assert len({plain, *others}) == len(others) + 1
     assert key("model.cache_dir=elsewhere") == plain and key("optim.lr=0.5") == plain  # not the base's business
+
+
+def test_the_recorded_warm_start_result_is_read_back_or_empty(tmp_path):
+    from jaxrl_fp16.rl.sft import warm_start_result
+
+    (tmp_path / "base_model_spec.json").write_text('{"version": 2, "warm_start_result": {"sft/rounds": 2}}')
+    assert warm_start_result(str(tmp_path)) == {"sft/rounds": 2}
+    (tmp_path / "base_model_spec.json").write_text('{"version": 2, "warm_st')  # cut short
+    assert warm_start_result(str(tmp_path)) == {}
+    assert warm_start_result(str(tmp_path / "elsewhere")) == {}

@@ -287,11 +287,12 @@ def base_model_key(run: Any) -> str:
 
 
 def warm_start_result(base_dir: str) -> dict[str, Any]:
-    """The warm start's statistics recorded with a cached base model (`run_sft`'s; {} for another folder)."""
+    """The warm start's statistics recorded with a cached base model (`run_sft`'s; {} for another folder, or one
+    whose record is unreadable: the statistics are a report's, not the model's)."""
     try:
         with open(os.path.join(base_dir, "base_model_spec.json")) as f:
             return dict(json.load(f).get("warm_start_result", {}))
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError, AttributeError):
         return {}
 
 
