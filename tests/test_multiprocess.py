@@ -154,10 +154,11 @@ def fp32_runs(caches, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fp32")
     dirs = {name: str(root / name) for name in ("two", "one")}
-    log = _two(FP32, dirs["two"], caches["two"])
+    evaluate = f"train.eval_every={ITERATIONS}"  # after the second iteration
+    log = _two(FP32, dirs["two"], caches["two"], evaluate)
     first = {"two": _metrics(dirs["two"])}
-    _two(FP32, dirs["two"], caches["two"], "--resume", f"train.iterations={ITERATIONS + 1}")
-    _one(FP32, dirs["one"], caches["one"], f"train.iterations={ITERATIONS + 1}")
+    _two(FP32, dirs["two"], caches["two"], evaluate, "--resume", f"train.iterations={ITERATIONS + 1}")
+    _one(FP32, dirs["one"], caches["one"], evaluate, f"train.iterations={ITERATIONS + 1}")
     first["one"] = _metrics(dirs["one"])[:ITERATIONS]
     return {name: {"dir": run_dir, "log": log if name == "two" else "", "metrics": first[name],
                    "resumed": _metrics(run_dir), "export": load_hf_params(os.path.join(run_dir, "hf"))[1],
@@ -183,6 +184,13 @@ def test_two_processes_sample_each_row_once_and_match_one(fp32_runs):
     for key in ("sampler_logprobs", "trainer_logprobs"):
         np.testing.assert_allclose(two["logprobs"][key], one["logprobs"][key], rtol=RTOL, atol=1e-5, err_msg=key)
     assert "[0] iteration 2" in two["log"] and "[1] iteration 2" in two["log"]  # both processes ran to the end
+    # The evaluation on the prompt set (train.eval_every): each process samples half of it, and the accuracy is
+    # that of the whole set. The weights have had two updates, which may differ at FP32's rounding level between
+    # the layouts (the shards sum in another order), so one sampled answer may differ.
+    a, b = one["metrics"][-1], two["metrics"][-1]
+    assert b["eval/local_rows"] * 2 == a["eval/local_rows"] == len(one["prompts"]) * 4
+    assert abs(b["eval/accuracy"] - a["eval/accuracy"]) <= 1 / a["eval/local_rows"] + 1e-12
+    assert not any("eval/accuracy" in m for m in one["metrics"][:-1])
 
 
 @pytest.mark.slow

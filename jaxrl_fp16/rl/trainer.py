@@ -55,6 +55,8 @@ __all__ = ["RL_SILENT_CHANGES", "Trainer", "export_checkpoint", "make_loss_scale
 
 log = logging.getLogger(__name__)
 
+EVAL_SEED = 12345  # the sampling seed of every evaluation (`Trainer.evaluate`, `train.eval_every`)
+
 
 def resolved_loss_scale_kind(run: RunConfig) -> str:
     """`loss_scale.kind` with `auto` resolved (`RunConfig.resolved_loss_scale_kind`)."""
@@ -212,7 +214,8 @@ class Trainer:
             "time/iteration": t5 - t0,
         }
         if run.train.eval_every and (it + 1) % run.train.eval_every == 0:  # the pushed weights, on the prompt set
-            out["eval/accuracy"] = self.evaluate(run.train.eval_samples_per_prompt)
+            accuracy, rows = self._evaluate(run.train.eval_samples_per_prompt, EVAL_SEED)
+            out.update({"eval/accuracy": accuracy, "eval/local_rows": rows})
             out["time/eval"] = time.perf_counter() - t5
         return out
 
@@ -233,11 +236,21 @@ class Trainer:
         export_final(self.run_dir, self.export, enabled=run.checkpoint.export_hf, trained=total > self.start_iteration)
         return history
 
-    def evaluate(self, samples_per_prompt: int = 4, seed: int = 12345) -> float:
-        """Accuracy of the current weights on the whole prompt set (same prompts and seed every call)."""
-        rollout = self.sampler.generate(self.prompt_ids, self.run_cfg.sampler.settings(samples_per_prompt, seed))
-        rewards = rollout_rewards(self.task, self.problems, self.tokenizer, rollout)
-        return float(np.mean(rewards >= 1.0))
+    def evaluate(self, samples_per_prompt: int = 4, seed: int = EVAL_SEED) -> float:
+        """Accuracy of the current weights on the whole prompt set (same prompts and seed every call). Several
+        processes each sample their block of prompts with those rows' random streams and add up the correct
+        answers (a collective: every process calls it): the accuracy of one process sampling them all."""
+        return self._evaluate(samples_per_prompt, seed)[0]
+
+    def _evaluate(self, samples_per_prompt: int, seed: int) -> tuple[float, int]:
+        """(accuracy, rows this process sampled)."""
+        lo, hi = multiprocess.group_share(len(self.prompt_ids))
+        settings = dataclasses.replace(self.run_cfg.sampler.settings(samples_per_prompt, seed),
+                                       first_row=lo * samples_per_prompt)
+        local = self.sampler.generate(self.prompt_ids[lo:hi], settings)
+        rewards = rollout_rewards(self.task, self.problems[lo:hi], self.tokenizer, local)
+        correct = int(multiprocess.allgather_ints(int(np.sum(rewards >= 1.0))).sum())
+        return correct / (len(self.prompt_ids) * samples_per_prompt), int(local.num_rows)
 
     def save(self, iteration: int) -> None:
         meta = {"iteration": iteration, "data_position": iteration * self.run_cfg.train.prompts_per_iteration,
