@@ -18,8 +18,8 @@
 
   The base model is keyed as `jaxrl_fp16.rl.sft.ensure_base_model` keys it (`base_model_key`: `model.tiny`,
   `model.warm_start`, `task.name`, `task.options`, the forward's options), so modules whose configs agree on
-  those keys share one build: test_trainer, test_lora and test_ppo (configs/tiny_fp16.yaml with a 300-step warm start) do. A CLI test (test_sanity's
-  `jaxrl-fp16 sanity`) uses it the same way: load the run config the command builds
+  those keys share one build: test_trainer, test_lora and test_ppo (configs/tiny_fp16.yaml with a 300-step warm
+  start) do. A CLI test (test_sanity's `jaxrl-fp16 sanity`) uses it the same way: load the run config the command builds
   (`load_config(jaxrl_fp16.tools.sanity.preset_path(), overrides)`), and give the command
   `model.cache_dir=<the folder returned>`; it shares the others' build when its warm start and task keys equal
   theirs. Each module gets its own folder (linking the shared build) because the prompt-set cache that runs

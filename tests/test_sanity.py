@@ -10,8 +10,8 @@ from jaxrl_fp16.tools.sanity import arm_configs, arms_for, findings, preset_path
 
 
 QUICK = ["model.warm_start.steps=300", "model.warm_start.max_rounds=1", "task.num_problems=64",
-         "perfectible.enabled=false", "train.iterations=6", "train.prompts_per_iteration=8", "train.minibatches_per_iteration=2", "log.tensorboard=false",
-         "checkpoint.export_hf=false"]
+         "perfectible.enabled=false", "train.iterations=6", "train.prompts_per_iteration=8",
+         "train.minibatches_per_iteration=2", "log.tensorboard=false", "checkpoint.export_hf=false"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_report_and_plots_are_written(report_dir):
     assert "## Findings" in text and ("REPRODUCED" in text or "NOT reproduced" in text)
     assert "Sanity criterion (grpo) MET" in text or "Sanity criterion (grpo) NOT met" in text
     assert "## Reproducibility" in text and "Seed 0:" in text and "bitwise" in text and "instruction set" in text
-    assert "(1 round(s) of 300 steps, mean loss of the last tenth " in text  # the base model's warm start
+    assert "(300 steps; this base: 1 round(s), loss " in text  # the base model's warm start (one round here)
 
 
 def test_seed_overrides():
@@ -132,3 +132,17 @@ def test_arms_and_findings_logic():
     assert "REPRODUCED (grpo, start)" not in text
     rows["fp16-grpo"].update(accuracy_peak=0.55, accuracy_final=0.5)
     assert "Sanity criterion (grpo) NOT met: FP16 final training accuracy 0.500 < 0.9" in "\n".join(findings(rows))
+
+
+def test_the_warm_start_phrase_states_the_rule_and_the_base():
+    from jaxrl_fp16.tools.sanity import warm_start_phrase
+
+    rounds = {"warm_start_steps": 2000, "warm_start_target": 0.05, "warm_start_max_rounds": 3}
+    recorded = {"warm_start/rounds": 2, "warm_start/loss": 0.00456}
+    assert warm_start_phrase({**rounds, **recorded}) == ("2000 steps per round, until a round's last tenth has a "
+                                                         "mean loss of at most 0.05 (at most 3 rounds); this base: "
+                                                         "2 round(s), loss 0.005")
+    assert warm_start_phrase({**rounds, **recorded}, result=False).endswith("(at most 3 rounds)")
+    assert warm_start_phrase({"warm_start_steps": 300, "warm_start_target": 0.05, "warm_start_max_rounds": 1,
+                              **recorded}) == "300 steps; this base: 2 round(s), loss 0.005"
+    assert warm_start_phrase({"warm_start_steps": 300}) == "300 steps"

@@ -22,7 +22,8 @@ from jaxrl_fp16.tools.sweep import QUICK_FORMATS, ROW_KEYS, parse_formats, sweep
 
 NOISE = 1e-11
 TINY = ["model.warm_start.steps=300", "model.warm_start.max_rounds=1", "task.num_problems=64",
-        "perfectible.enabled=false", "train.iterations=2", "train.prompts_per_iteration=8", "train.minibatches_per_iteration=2", "log.tensorboard=false"]
+        "perfectible.enabled=false", "train.iterations=2", "train.prompts_per_iteration=8",
+        "train.minibatches_per_iteration=2", "log.tensorboard=false"]
 
 
 def _line(acc, kl=1e-6, loss=0.1, reward=None):

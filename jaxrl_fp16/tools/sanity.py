@@ -29,7 +29,7 @@ from jaxrl_fp16.config import load_config
 from jaxrl_fp16.rl.losses import LOSSES
 
 __all__ = ["Arm", "arms_for", "arm_configs", "run_sanity", "seed_overrides", "summarize_arm", "read_metrics",
-           "write_report", "run_status", "train_arm"]
+           "write_report", "run_status", "train_arm", "warm_start_phrase"]
 
 SMOOTH = 5
 EDGE = 3
@@ -193,6 +193,8 @@ def run_sanity(out: str, *, quick: bool = True, sampler: str = "jax", overrides:
     first = configs[arms[0].name]
     setup = {"quick": quick, "sampler": sampler, "task": first.task.name, "task_options": dict(first.task.options),
              "seed": first.seed, "task_seed": first.task.seed, "warm_start_steps": first.model.warm_start.steps,
+             "warm_start_target": first.model.warm_start.target_loss,
+             "warm_start_max_rounds": first.model.warm_start.max_rounds,
              "iterations": first.train.iterations, "prompts_per_iteration": first.train.prompts_per_iteration,
              "samples_per_prompt": first.train.samples_per_prompt, "lr": first.optim.lr,
              "model": dataclasses.asdict(first.model.tiny), "sampler_fp32_ops": list(first.sampler.fp32_ops),
@@ -244,6 +246,19 @@ def findings(rows: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def warm_start_phrase(setup: dict[str, Any], *, result: bool = True) -> str:
+    """How the base model was warm-started, for a report: steps per round and the loss target where there is one,
+    then (`result`) the rounds and the loss recorded with the base model the setup's stats came from."""
+    phrase = f"{setup.get('warm_start_steps', '?')} steps"
+    target, rounds = setup.get("warm_start_target"), setup.get("warm_start_max_rounds", 1)
+    if target is not None and rounds > 1:
+        phrase += (f" per round, until a round's last tenth has a mean loss of at most {target:g} (at most {rounds} "
+                   f"rounds)")
+    if result and "warm_start/rounds" in setup:
+        phrase += f"; this base: {setup['warm_start/rounds']} round(s), loss {setup['warm_start/loss']:.3f}"
+    return phrase
+
+
 def reproducibility(setup: dict[str, Any]) -> list[str]:
     """The report's statement of what a rerun reproduces exactly and what it does not."""
     return ["## Reproducibility", "",
@@ -285,9 +300,8 @@ def write_report(out: str, rows: dict[str, dict[str, Any]], setup: dict[str, Any
             "|pi-mu| start", "|pi-mu| end", "skipped steps", "wall s"]
     lines = ["# Sanity experiment: FP16 vs BF16", "",
              f"Tiny {setup['model']['arch']} model ({setup['model']['num_layers']} layers, hidden "
-             f"{setup['model']['hidden_size']}) warm-started on `{setup['task']}` {setup['task_options']}"
-             + (f" ({setup['warm_start/rounds']} round(s) of {setup['warm_start_steps']} steps, mean loss of the "
-                f"last tenth {setup['warm_start/loss']:.3f})" if "warm_start/rounds" in setup else "") + "; "
+             f"{setup['model']['hidden_size']}) warm-started on `{setup['task']}` {setup['task_options']} "
+             f"({warm_start_phrase(setup)}); "
              f"{setup.get('prompts/kept', '?')} perfectible prompts (base pass rate "
              f"{setup.get('prompts/pass_rate_kept', float('nan')):.2f} on them); {setup['iterations']} iterations of "
              f"{setup['prompts_per_iteration']} prompts x {setup['samples_per_prompt']} samples, lr {setup['lr']}; "

@@ -35,7 +35,7 @@ import numpy as np
 
 from jaxrl_fp16.emulation import FloatFormat
 from jaxrl_fp16.tools.sanity import (EDGE, SMOOTH, Arm, arm_configs, engine_sentence, preset_path, read_metrics,
-                               reproducibility, run_status, summarize_arm, train_arm)
+                               reproducibility, run_status, summarize_arm, train_arm, warm_start_phrase)
 
 __all__ = ["SweepFormat", "parse_formats", "QUICK_FORMATS", "FULL_FORMATS", "LONG_FORMATS", "sweep_row",
            "run_sweep", "write_sweep_report", "is_collapsed"]
@@ -207,6 +207,8 @@ def mark_degraded(rows: list[dict[str, Any]]) -> None:
 def _setup(run: Any, quick: bool) -> dict[str, Any]:
     return {"quick": quick, "task": run.task.name, "task_options": dict(run.task.options),
             "task_seed": run.task.seed, "warm_start_steps": run.model.warm_start.steps,
+            "warm_start_target": run.model.warm_start.target_loss,
+            "warm_start_max_rounds": run.model.warm_start.max_rounds,
             "iterations": run.train.iterations, "prompts_per_iteration": run.train.prompts_per_iteration,
             "samples_per_prompt": run.train.samples_per_prompt, "max_new_tokens": run.sampler.max_new_tokens,
             "lr": run.optim.lr, "model": dataclasses.asdict(run.model.tiny),
@@ -341,8 +343,8 @@ def write_sweep_report(out: str, rows: list[dict[str, Any]], setups: dict[str, A
     if setup:
         m = setup["model"]
         lines += [f"Tiny {m['arch']} model ({m['num_layers']} layers, hidden {m['hidden_size']}) warm-started on "
-                  f"`{setup['task']}` {setup['task_options']} ({setup['warm_start_steps']} steps, FP32; one cached "
-                  f"base model for every run of a seed); {setup.get('prompts/kept', '?')} perfectible prompts "
+                  f"`{setup['task']}` {setup['task_options']} ({warm_start_phrase(setup, result=False)}, FP32; one "
+                  f"cached base model for every run of a seed); {setup.get('prompts/kept', '?')} perfectible prompts "
                   f"(chosen in FP32); GRPO, {setup['iterations']} iterations of {setup['prompts_per_iteration']} "
                   f"prompts x {setup['samples_per_prompt']} samples, lr {setup['lr']}. "
                   + ("Quick mode: " + f"{setup['iterations']} iterations instead of the sanity preset's 60 (7 "
@@ -381,7 +383,7 @@ def write_sweep_report(out: str, rows: list[dict[str, Any]], setups: dict[str, A
         lines += ["## Long-response arm", "",
                   f"Task `{ls.get('task')}` {ls.get('task_options')}: responses of up to {ls.get('max_new_tokens')} "
                   f"tokens, reward = the fraction of correct characters (partial credit); warm start "
-                  f"{ls.get('warm_start_steps')} steps; {ls.get('iterations')} iterations of "
+                  f"{warm_start_phrase(ls, result=False)}; {ls.get('iterations')} iterations of "
                   f"{ls.get('prompts_per_iteration')} prompts x {ls.get('samples_per_prompt')} samples.", "",
                   *[f"- {s}" for s in long_statements], ""]
     lines += [*reproducibility({"seed": "0..N-1 (one per row)", "warm_start_steps": setup.get("warm_start_steps"),
