@@ -184,8 +184,8 @@ def test_two_processes_sample_each_row_once_and_match_one(fp32_runs):
     for key in ("sampler_logprobs", "trainer_logprobs"):
         np.testing.assert_allclose(two["logprobs"][key], one["logprobs"][key], rtol=RTOL, atol=1e-5, err_msg=key)
     assert "[0] iteration 2" in two["log"] and "[1] iteration 2" in two["log"]  # both processes ran to the end
-    # The evaluation on the prompt set (train.eval_every): each process samples half of it, and the accuracy is
-    # that of the whole set. The weights have had two updates, which may differ at FP32's rounding level between
+    # The evaluation on the prompt set (train.eval_every): each process samples its block of it, and the accuracy
+    # is that of the whole set. The weights have had two updates, which may differ at FP32's rounding level between
     # the layouts (the shards sum in another order), so one sampled answer may differ.
     a, b = one["metrics"][-1], two["metrics"][-1]
     lo, hi = multiprocess.process_share(len(one["prompts"]), 0, 2)  # process 0's block of prompts (the larger one)

@@ -29,7 +29,8 @@ from jaxrl_fp16.config import load_config
 from jaxrl_fp16.rl.losses import LOSSES
 
 __all__ = ["Arm", "arms_for", "arm_configs", "run_sanity", "seed_overrides", "summarize_arm", "read_metrics",
-           "write_report", "run_status", "train_arm", "warm_start_phrase"]
+           "write_report", "run_status", "train_arm", "warm_start_phrase",
+           "warm_start_setup"]
 
 SMOOTH = 5
 EDGE = 3
@@ -192,9 +193,7 @@ def run_sanity(out: str, *, quick: bool = True, sampler: str = "jax", overrides:
             os.path.join(run_dir, "metrics.jsonl")))}
     first = configs[arms[0].name]
     setup = {"quick": quick, "sampler": sampler, "task": first.task.name, "task_options": dict(first.task.options),
-             "seed": first.seed, "task_seed": first.task.seed, "warm_start_steps": first.model.warm_start.steps,
-             "warm_start_target": first.model.warm_start.target_loss,
-             "warm_start_max_rounds": first.model.warm_start.max_rounds,
+             "seed": first.seed, "task_seed": first.task.seed, **warm_start_setup(first.model.warm_start),
              "iterations": first.train.iterations, "prompts_per_iteration": first.train.prompts_per_iteration,
              "samples_per_prompt": first.train.samples_per_prompt, "lr": first.optim.lr,
              "model": dataclasses.asdict(first.model.tiny), "sampler_fp32_ops": list(first.sampler.fp32_ops),
@@ -246,6 +245,12 @@ def findings(rows: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def warm_start_setup(warm_start: Any) -> dict[str, Any]:
+    """A report setup's record of the warm start's rule (`warm_start_phrase` reads it)."""
+    return {"warm_start_steps": warm_start.steps, "warm_start_target": warm_start.target_loss,
+            "warm_start_max_rounds": warm_start.max_rounds}
+
+
 def warm_start_phrase(setup: dict[str, Any], *, result: bool = True) -> str:
     """How the base model was warm-started, for a report: steps per round and the loss target where there is one,
     then (`result`) the rounds and the loss recorded with the base model the setup's stats came from."""
@@ -263,8 +268,8 @@ def reproducibility(setup: dict[str, Any]) -> list[str]:
     """The report's statement of what a rerun reproduces exactly and what it does not."""
     return ["## Reproducibility", "",
             f"Seed {setup.get('seed', '?')}: it seeds the tiny model's initialisation, the warm start ("
-            f"rounds of {setup.get('warm_start_steps', '?')} steps: its problems and batches), the RL prompt order and "
-            f"the sampling; the candidate problems come from `task.seed` ({setup.get('task_seed', '?')}). Another "
+            f"{warm_start_phrase(setup, result=False)}: its problems and batches), the RL prompt order and the "
+            f"sampling; the candidate problems come from `task.seed` ({setup.get('task_seed', '?')}). Another "
             "seed is an independent replicate: another base model, another perfectible set.",
             "",
             "- Deterministic: on one machine, the same command (seed and overrides) gives bitwise the same base "

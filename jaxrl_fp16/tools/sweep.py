@@ -35,7 +35,8 @@ import numpy as np
 
 from jaxrl_fp16.emulation import FloatFormat
 from jaxrl_fp16.tools.sanity import (EDGE, SMOOTH, Arm, arm_configs, engine_sentence, preset_path, read_metrics,
-                               reproducibility, run_status, summarize_arm, train_arm, warm_start_phrase)
+                               reproducibility, run_status, summarize_arm, train_arm, warm_start_phrase,
+                               warm_start_setup)
 
 __all__ = ["SweepFormat", "parse_formats", "QUICK_FORMATS", "FULL_FORMATS", "LONG_FORMATS", "sweep_row",
            "run_sweep", "write_sweep_report", "is_collapsed"]
@@ -206,9 +207,7 @@ def mark_degraded(rows: list[dict[str, Any]]) -> None:
 
 def _setup(run: Any, quick: bool) -> dict[str, Any]:
     return {"quick": quick, "task": run.task.name, "task_options": dict(run.task.options),
-            "task_seed": run.task.seed, "warm_start_steps": run.model.warm_start.steps,
-            "warm_start_target": run.model.warm_start.target_loss,
-            "warm_start_max_rounds": run.model.warm_start.max_rounds,
+            "task_seed": run.task.seed, **warm_start_setup(run.model.warm_start),
             "iterations": run.train.iterations, "prompts_per_iteration": run.train.prompts_per_iteration,
             "samples_per_prompt": run.train.samples_per_prompt, "max_new_tokens": run.sampler.max_new_tokens,
             "lr": run.optim.lr, "model": dataclasses.asdict(run.model.tiny),
@@ -386,8 +385,7 @@ def write_sweep_report(out: str, rows: list[dict[str, Any]], setups: dict[str, A
                   f"{warm_start_phrase(ls, result=False)}; {ls.get('iterations')} iterations of "
                   f"{ls.get('prompts_per_iteration')} prompts x {ls.get('samples_per_prompt')} samples.", "",
                   *[f"- {s}" for s in long_statements], ""]
-    lines += [*reproducibility({"seed": "0..N-1 (one per row)", "warm_start_steps": setup.get("warm_start_steps"),
-                                "task_seed": setup.get("task_seed")}), ""]
+    lines += [*reproducibility({**setup, "seed": "0..N-1 (one per row)"}), ""]
     lines += [f"![{i}]({i})" for i in images] + [""]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines))
