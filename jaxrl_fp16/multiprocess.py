@@ -60,12 +60,13 @@ def process_share(num_items: int, index: int, count: int) -> tuple[int, int]:
     return start, start + size + (index < extra)
 
 
-def group_share(num_groups: int) -> tuple[int, int]:
-    """This process's block of `num_groups` prompt groups; a ValueError when some process would get none."""
+def group_share(num_groups: int, source: str = "train.prompts_per_iteration") -> tuple[int, int]:
+    """This process's block of `num_groups` prompt groups; a ValueError naming `source` (where the count comes
+    from: a config key, or the prompt set) when some process would get none."""
     count = jax.process_count()
     if num_groups < count:
-        raise ValueError(f"{num_groups} prompts per iteration do not give each of the {count} processes one "
-                         f"(train.prompts_per_iteration must be >= the number of processes)")
+        raise ValueError(f"{num_groups} prompts do not give each of the {count} processes one: {source} must be "
+                         f">= the number of processes")
     return process_share(num_groups, jax.process_index(), count)
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from jaxrl_fp16 import multiprocess
 from jaxrl_fp16.config import load_config
+from jaxrl_fp16.rl.setup import EVAL_SOURCE
 from jaxrl_fp16.sampling.base import FINISH_LENGTH, FINISH_STOP, Rollout, SamplingSettings
 from jaxrl_fp16.sampling import exchange
 
@@ -43,6 +44,11 @@ def test_process_share_splits_contiguous_blocks_of_whole_groups():
 def test_one_process_is_the_plain_operation():
     assert not multiprocess.is_multiprocess() and multiprocess.is_writer()
     assert multiprocess.group_share(5) == (0, 5)
+    # a count below the number of processes (here 0 < 1) names where the count comes from
+    with pytest.raises(ValueError, match=r"0 prompts .* 1 processes one: train.prompts_per_iteration must be >="):
+        multiprocess.group_share(0)
+    with pytest.raises(ValueError, match=r"one: the prompt set's size \(an evaluation samples every prompt\)"):
+        multiprocess.group_share(0, EVAL_SOURCE)
     assert multiprocess.agree_max(3) == 3
     multiprocess.barrier("nothing to wait for")
     rollout = _rollout(2, 3)

@@ -56,6 +56,9 @@ def make_run_mesh(run: RunConfig):
     return mesh
 
 
+EVAL_SOURCE = "the prompt set's size (an evaluation samples every prompt)"  # as group_share names it
+
+
 def _check_processes(run: RunConfig) -> None:
     """Several processes: each must get prompts to sample, with a sampler that seeds per row."""
     if not multiprocess.is_multiprocess():
@@ -143,6 +146,11 @@ def setup_run(run: RunConfig, run_dir: str, *, resume: bool = False,
                              allow_dtype_mismatch=run.sampler.allow_dtype_mismatch, numerics=run.sampler_numerics(),
                              seed=run.seed, options=run.sampler.engine_options())
     problems, prompt_stats = build_prompt_set(run, base_dir, model_cfg, params, tokenizer, task, sampler)
+    if run.train.eval_every and multiprocess.is_multiprocess():
+        try:  # before any training: an evaluation splits the prompt set over the processes
+            multiprocess.group_share(len(problems), EVAL_SOURCE)
+        except ValueError as e:
+            raise ConfigError(f"{e} (train.eval_every={run.train.eval_every})") from None
     prompt_ids = _prompt_ids(tokenizer, problems)
     width = max(len(p) for p in prompt_ids) + run.sampler.max_new_tokens
     if width > model_cfg.max_position_embeddings:

@@ -43,7 +43,7 @@ from jaxrl_fp16.rl.loop import export_final, run_loop
 from jaxrl_fp16.rl.order import epoch_slice
 from jaxrl_fp16.rl.prompts import rollout_rewards
 from jaxrl_fp16.rl.rundir import ResumeOptions, checkpoint_config, checkpoint_dir, config_dict, stored_config
-from jaxrl_fp16.rl.setup import RL_SILENT_CHANGES, RunParts, make_run_mesh, setup_run
+from jaxrl_fp16.rl.setup import EVAL_SOURCE, RL_SILENT_CHANGES, RunParts, make_run_mesh, setup_run
 from jaxrl_fp16.rl.sft import ensure_base_model
 from jaxrl_fp16.rl.trainable import Trainable, rl_loss
 from jaxrl_fp16.sampling import exchange
@@ -244,7 +244,7 @@ class Trainer:
 
     def _evaluate(self, samples_per_prompt: int, seed: int) -> tuple[float, int]:
         """(accuracy, rows this process sampled)."""
-        lo, hi = multiprocess.group_share(len(self.prompt_ids))
+        lo, hi = multiprocess.group_share(len(self.prompt_ids), EVAL_SOURCE)
         settings = dataclasses.replace(self.run_cfg.sampler.settings(samples_per_prompt, seed),
                                        first_row=lo * samples_per_prompt)
         local = self.sampler.generate(self.prompt_ids[lo:hi], settings)
