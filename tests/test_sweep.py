@@ -18,7 +18,7 @@ from jaxrl_fp16.models.decoder import CausalLM, causal_inputs, token_logprobs
 from jaxrl_fp16.rl.tasks import OptionError, Problem, make_task
 from jaxrl_fp16.rl.trainer import make_loss_scale, resolved_loss_scale_kind
 from jaxrl_fp16.tools.sanity import preset_path
-from jaxrl_fp16.tools.sweep import QUICK_FORMATS, ROW_KEYS, parse_formats, sweep_row
+from jaxrl_fp16.tools.sweep import QUICK_FORMATS, ROW_KEYS, _kept_phrase, parse_formats, sweep_row
 
 NOISE = 1e-11
 TINY = ["model.warm_start.steps=300", "model.warm_start.max_rounds=1", "task.num_problems=64",
@@ -66,6 +66,18 @@ def test_row_schema_and_collapsed_rule():
     assert sweep_row(fmt, 0, below_start)["collapsed"] is True
     blown = [*[_line(0.9)] * 7, _line(0.9, loss=math.nan)]
     assert sweep_row(fmt, 0, blown)["collapsed"] is True
+
+
+def test_the_report_counts_each_seeds_prompt_set():
+    """Each seed has its own base model and prompt set: the report gives every seed's count, not the last run's."""
+    def setup(*kept):
+        return {"prompt_stats": {str(seed): {"prompts/kept": n} for seed, n in kept}}
+
+    assert _kept_phrase(setup((0, 12), (1, 12))) == "12"
+    assert _kept_phrase(setup((1, 14), (0, 12))) == "12 and 14 (seeds 0 and 1)"
+    assert _kept_phrase(setup((10, 15), (2, 14), (0, 12))) == "12, 14 and 15 (seeds 0, 2 and 10)"
+    assert _kept_phrase({}) == "?"
+    assert _kept_phrase({"prompt_stats": {"0": {}}}) == "?"
 
 
 @pytest.mark.parametrize("overrides,kind", [

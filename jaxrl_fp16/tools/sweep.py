@@ -188,13 +188,29 @@ def run_sweep(out: str, *, formats: Sequence[SweepFormat] | None = None, seeds: 
                                  preset_path(arm), progress)
         rows.append(row)
         setups.setdefault(arm, _setup(run, quick))
-        if stats:
-            setups[arm].update(stats)
+        if stats:  # each seed has its own base model, hence its own prompt set
+            setups[arm].setdefault("prompt_stats", {})[str(s)] = stats
         _write_json(out, rows, setups)  # a partial sweep leaves its rows too
     mark_degraded(rows)
     for setup in setups.values():
         setup["total_seconds"] = time.perf_counter() - started
     return write_sweep_report(out, rows, setups)
+
+
+def _kept_phrase(setup: dict[str, Any]) -> str:
+    """How many perfectible prompts the runs trained on: one number when every seed kept as many, else one per
+    seed ("12, 14 and 15 (seeds 0, 1 and 2)"); '?' when no run recorded its prompt stats."""
+    kept = {int(seed): stats.get("prompts/kept") for seed, stats in setup.get("prompt_stats", {}).items()}
+    kept = {seed: n for seed, n in sorted(kept.items()) if n is not None}
+    if not kept:
+        return "?"
+    if len(set(kept.values())) == 1:
+        return str(next(iter(kept.values())))
+
+    def listed(xs: list[Any]) -> str:
+        return ", ".join(map(str, xs[:-1])) + f" and {xs[-1]}"
+
+    return f"{listed(list(kept.values()))} (seeds {listed(list(kept))})"
 
 
 def mark_degraded(rows: list[dict[str, Any]]) -> None:
@@ -343,7 +359,7 @@ def write_sweep_report(out: str, rows: list[dict[str, Any]], setups: dict[str, A
         m = setup["model"]
         lines += [f"Tiny {m['arch']} model ({m['num_layers']} layers, hidden {m['hidden_size']}) warm-started on "
                   f"`{setup['task']}` {setup['task_options']} ({warm_start_phrase(setup, result=False)}, FP32; one "
-                  f"cached base model for every run of a seed); {setup.get('prompts/kept', '?')} perfectible prompts "
+                  f"cached base model for every run of a seed); {_kept_phrase(setup)} perfectible prompts "
                   f"(chosen in FP32); GRPO, {setup['iterations']} iterations of {setup['prompts_per_iteration']} "
                   f"prompts x {setup['samples_per_prompt']} samples, lr {setup['lr']}. "
                   + ("Quick mode: " + f"{setup['iterations']} iterations instead of the sanity preset's 60 (7 "
