@@ -254,7 +254,7 @@ def test_two_processes_each_with_a_vllm_engine_match_one(caches, tmp_path):
     trainer's weights (gathered to the host a tensor at a time) every iteration: the same rollouts as one engine
     sampling every row."""
     pytest.importorskip("vllm")
-    extra = ("sampler.name=vllm", "mesh.fsdp=1", "checkpoint.export_hf=false")
+    extra = ("sampler.name=vllm", "mesh.fsdp=1", "checkpoint.export_hf=false", f"train.eval_every={ITERATIONS}")
     metrics = {}
     for name, devices in (("two", 1), ("one", 2)):
         run_dir = str(tmp_path / name)
@@ -269,3 +269,9 @@ def test_two_processes_each_with_a_vllm_engine_match_one(caches, tmp_path):
             assert b[key] == a[key], (b["step"], key)
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=RTOL)
         np.testing.assert_allclose(b["mismatch/kl_k3"], a["mismatch/kl_k3"], rtol=1e-3)
+    # The evaluation after the last iteration (train.eval_every): each engine samples its block of the prompt set
+    # (4 samples per prompt); the accuracy is the whole set's, within one answer (as with the JAX sampler above).
+    a, b = metrics["one"][-1], metrics["two"][-1]
+    lo, hi = multiprocess.process_share(a["eval/local_rows"] // 4, 0, 2)
+    assert b["eval/local_rows"] == (hi - lo) * 4 < a["eval/local_rows"]
+    assert abs(b["eval/accuracy"] - a["eval/accuracy"]) <= 1 / a["eval/local_rows"] + 1e-12
