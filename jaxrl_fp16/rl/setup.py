@@ -66,10 +66,15 @@ def _check_processes(run: RunConfig) -> None:
     if run.sampler.name == "transformers":
         raise ConfigError(f"sampler.name=transformers runs in one process only (it seeds per batch, not per row); "
                           f"with {jax.process_count()} processes use sampler.name=jax or vllm")
+    _check_share(run.train.prompts_per_iteration, "train.prompts_per_iteration")
+
+
+def _check_share(num_groups: int, source: str, why: str = "") -> None:
+    """`multiprocess.group_share`'s refusal (some process would get no prompt) as a ConfigError, before any work."""
     try:
-        multiprocess.group_share(run.train.prompts_per_iteration)
+        multiprocess.group_share(num_groups, source)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"{e}{why}") from None
 
 
 def _memory_estimate(run: RunConfig, model_cfg, params: Any, mesh, compute, seq_len: int, frozen: Any = None):
@@ -146,11 +151,8 @@ def setup_run(run: RunConfig, run_dir: str, *, resume: bool = False,
                              allow_dtype_mismatch=run.sampler.allow_dtype_mismatch, numerics=run.sampler_numerics(),
                              seed=run.seed, options=run.sampler.engine_options())
     problems, prompt_stats = build_prompt_set(run, base_dir, model_cfg, params, tokenizer, task, sampler)
-    if run.train.eval_every and multiprocess.is_multiprocess():
-        try:  # before any training: an evaluation splits the prompt set over the processes
-            multiprocess.group_share(len(problems), EVAL_SOURCE)
-        except ValueError as e:
-            raise ConfigError(f"{e} (train.eval_every={run.train.eval_every})") from None
+    if run.train.eval_every and multiprocess.is_multiprocess():  # an evaluation splits the prompt set
+        _check_share(len(problems), EVAL_SOURCE, f" (train.eval_every={run.train.eval_every})")
     prompt_ids = _prompt_ids(tokenizer, problems)
     width = max(len(p) for p in prompt_ids) + run.sampler.max_new_tokens
     if width > model_cfg.max_position_embeddings:
